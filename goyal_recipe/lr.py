@@ -1,0 +1,107 @@
+"""GoyalLR: applies a `Schedule` to a torch optimizer, once per real optimizer update."""
+
+from __future__ import annotations
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from .schedule import Schedule
+
+
+def _innermost_optimizer(optimizer: Optimizer) -> Optimizer:
+    """The torch optimizer that really updates weights.
+
+    accelerate's AcceleratedOptimizer and DeepSpeed's ZeRO optimizers wrap a torch optimizer in
+    `.optimizer`; the wrapped one is the one whose `step()` runs exactly once per real update.
+    """
+    while isinstance(getattr(optimizer, "optimizer", None), Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class GoyalLR(LRScheduler):
+    """LR scheduler whose LR at optimizer update t (0-based) is `schedule.lr(t / updates_per_epoch)`.
+
+    Progress is counted in real optimizer updates, by hooks on the optimizer, never in calls
+    to `step()`. That keeps the LR right when a wrapper calls `step()` several times per update
+    (accelerate steps a prepared scheduler once per process), when an update is skipped
+    (AMP overflow: `optimizer.step()` is not run), and under gradient accumulation. A pre-step
+    hook sets every group's LR just before the update, so even a loop that never calls
+    `scheduler.step()` uses the right LR; `step()` only refreshes `get_last_lr()`.
+
+    A param group's optional `lr_scale` key multiplies its LR (timm's layer-wise LR convention).
+
+    Checkpointing: save `state_dict()`; on resume, load the optimizer's state first, then this.
+    """
+
+    def __init__(self, optimizer: Optimizer, schedule: Schedule, updates_per_epoch: int, last_epoch: int = -1):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a goyal_recipe.Schedule, got {type(schedule).__name__}")
+        if int(updates_per_epoch) != updates_per_epoch or updates_per_epoch <= 0:
+            raise ValueError(f"updates_per_epoch must be a positive integer, got {updates_per_epoch}")
+        self.schedule = schedule
+        self.updates_per_epoch = int(updates_per_epoch)
+        self.updates_done = 0
+        inner = _innermost_optimizer(optimizer)
+        self._hooks = (
+            inner.register_step_pre_hook(self._before_update),
+            inner.register_step_post_hook(self._after_update),
+        )
+        super().__init__(optimizer, last_epoch)
+
+    @property
+    def epoch_progress(self) -> float:
+        """Fractional epoch of the next update."""
+        return self.updates_done / self.updates_per_epoch
+
+    def lr_at(self, update: int) -> float:
+        """Schedule LR (before any group's `lr_scale`) used by 0-based update `update`."""
+        return self.schedule.lr(update / self.updates_per_epoch)
+
+    def _apply(self) -> None:
+        lr = self.lr_at(self.updates_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _before_update(self, optimizer, args, kwargs) -> None:
+        self._apply()
+
+    def _after_update(self, optimizer, args, kwargs) -> None:
+        self.updates_done += 1
+
+    def get_lr(self) -> list[float]:
+        lr = self.lr_at(self.updates_done)
+        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+
+    def step(self, epoch=None) -> None:
+        if epoch is not None:
+            raise TypeError(
+                "GoyalLR.step() takes no argument: the LR follows real optimizer updates "
+                "(DeepSpeed passes a batch size here; let the trainer step it instead)"
+            )
+        self.last_epoch += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {
+            "updates_done": self.updates_done,
+            "updates_per_epoch": self.updates_per_epoch,
+            "last_epoch": self.last_epoch,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if int(state_dict["updates_per_epoch"]) != self.updates_per_epoch:
+            raise ValueError(
+                f"checkpoint has {state_dict['updates_per_epoch']} updates per epoch but this run has "
+                f"{self.updates_per_epoch}; resume with the same global batch size and dataset"
+            )
+        self.updates_done = int(state_dict["updates_done"])
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._apply()
+
+    def remove_hooks(self) -> None:
+        """Detach from the optimizer (for replacing this scheduler on the same optimizer)."""
+        for handle in self._hooks:
+            handle.remove()
+

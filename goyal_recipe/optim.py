@@ -1,0 +1,153 @@
+"""Optimizers of the recipe: weight-decay groups, SGD in the paper's form (10), and a builder.
+
+Why torch.optim.SGD needs no momentum correction (Remark 2): it keeps the velocity in gradient
+units, u <- m u + g, and applies the LR when it updates the weights, w <- w - eta u (eq. 9). A new
+LR therefore scales the whole velocity at once, which is exactly what the correction
+eta_{t+1}/eta_t restores in form (10), where the LR is folded into the velocity.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+log = logging.getLogger(__name__)
+
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, GhostBatchNorm2d
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # Custom norms (timm's RmsNorm, LayerNorm2d subclasses ...) are recognised by class, not by
+    # parameter name: timm's shortcut BN is called `downsample.1`.
+    return isinstance(module, _NORM_TYPES) or re.search(r"Norm(Act)?(\d+d)?$", type(module).__name__) is not None
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float = 1e-4,
+    norm_weight_decay: float = 0.0,
+    bias_weight_decay: float | None = None,
+) -> list[dict]:
+    """Split trainable parameters into weight-decay groups by module type and tensor rank.
+
+    - "norm": every parameter of a normalisation layer (BN gamma and beta); the paper applies no
+      weight decay to them (Sec. 5.1), hence `norm_weight_decay=0.0`.
+    - "bias": other parameters with ndim <= 1 (biases, scalars); the paper is silent, so
+      `bias_weight_decay=None` means the same decay as weights.
+    - "decay": the rest (conv and linear weights), with `weight_decay` (lambda = 1e-4).
+
+    Each parameter appears exactly once (shared parameters too). Empty groups are left out. Each
+    group carries "name", "num_tensors" and "num_params"; the counts are also logged.
+    """
+    decays = {"decay": weight_decay, "norm": norm_weight_decay,
+              "bias": weight_decay if bias_weight_decay is None else bias_weight_decay}
+    members: dict[str, list[nn.Parameter]] = {name: [] for name in decays}
+    seen: set[int] = set()
+    for module in model.modules():
+        norm = _is_norm(module)
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            members["norm" if norm else "bias" if param.ndim <= 1 else "decay"].append(param)
+    groups = []
+    for name, params in members.items():
+        if params:
+            groups.append({
+                "params": params,
+                "weight_decay": decays[name],
+                "name": name,
+                "num_tensors": len(params),
+                "num_params": sum(p.numel() for p in params),
+            })
+    for g in groups:
+        log.info("param group %-5s weight_decay=%g tensors=%d params=%d",
+                 g["name"], g["weight_decay"], g["num_tensors"], g["num_params"])
+    return groups
+
+
+class LRFoldedSGD(Optimizer):
+    """SGD with the LR folded into the velocity, the paper's eq. (10) (Caffe2, MXNet, Keras form).
+
+        v <- m * c * v + eta_t * (g + lambda * w)
+        w <- w - v                                   (nesterov: w <- w - (eta_t * (g + lambda * w) + m * v))
+
+    with the momentum correction c = eta_t / eta_{t-1} (Remark 2, eq. 10 with the correction term)
+    when `momentum_correction=True`, c = 1 otherwise. With the correction the trajectory is that
+    of torch.optim.SGD (eq. 9) under any LR schedule; without it, a change of LR reaches the
+    weights only gradually, which at a warmup's end or a x0.1 decay is a different trajectory.
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 nesterov: bool = False, momentum_correction: bool = True):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                        momentum_correction=momentum_correction)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                step = torch.add(p.grad, p, alpha=wd).mul_(lr)  # eta_t * (g + lambda * w)
+                if m:
+                    state = self.state[p]
+                    velocity = state.get("velocity")
+                    if velocity is None:
+                        velocity = state["velocity"] = step.clone()
+                    else:
+                        prev_lr = state["lr"]
+                        correction = lr / prev_lr if group["momentum_correction"] and prev_lr > 0 else 1.0
+                        velocity.mul_(m * correction).add_(step)
+                    state["lr"] = lr
+                    step = step.add_(velocity, alpha=m) if group["nesterov"] else velocity
+                p.sub_(step)
+        return loss
+
+
+OPTIMIZERS = ("sgd", "folded_sgd")
+
+
+def build_optimizer(
+    model: nn.Module,
+    kind: str = "sgd",
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 1e-4,
+    norm_weight_decay: float = 0.0,
+    bias_weight_decay: float | None = None,
+    momentum_correction: bool = True,
+    foreach: bool | None = None,
+) -> Optimizer:
+    """The recipe's optimizer over `param_groups(model, ...)`.
+
+    kind="sgd": torch.optim.SGD (eq. 9, no correction needed); kind="folded_sgd": `LRFoldedSGD`
+    (eq. 10, with `momentum_correction`). The initial `lr` is overwritten by `GoyalLR`.
+    """
+    groups = param_groups(model, weight_decay, norm_weight_decay, bias_weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, foreach=foreach)
+    if kind == "folded_sgd":
+        return LRFoldedSGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
+                           momentum_correction=momentum_correction)
+    raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")

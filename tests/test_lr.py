@@ -1,0 +1,138 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from goyal_recipe import GoyalLR, Schedule
+
+# 4 updates per epoch, warmup over 2 epochs from 0.1 to 0.4 (kn=1024), x0.1 at epochs 3 and 4 of 5.
+SCHEDULE = Schedule(global_batch_size=1024, warmup_epochs=2, milestones=(3, 4), epochs=5)
+UPDATES_PER_EPOCH = 4
+EXPECTED_LR = [0.1, 0.1375, 0.175, 0.2125, 0.25, 0.2875, 0.325, 0.3625,
+               0.4, 0.4, 0.4, 0.4, 0.04, 0.04, 0.04, 0.04, 0.004, 0.004, 0.004, 0.004]
+
+
+def make(lr_scales=(1.0,)):
+    params = [nn.Parameter(torch.zeros(3, dtype=torch.float64)) for _ in lr_scales]
+    groups = [{"params": [p], "lr_scale": s} for p, s in zip(params, lr_scales)]
+    opt = torch.optim.SGD(groups, lr=123.0)  # initial lr is overwritten by the schedule
+    return params, opt, GoyalLR(opt, SCHEDULE, UPDATES_PER_EPOCH)
+
+
+def update(params, opt, micro_batches=1):
+    """One optimizer update whose gradient is exactly 1 per element, so the step equals -lr."""
+    before = [p.detach().clone() for p in params]
+    for _ in range(micro_batches):
+        sum(p.sum() for p in params).div(micro_batches).backward()
+    opt.step()
+    opt.zero_grad()
+    return [float((b - p.detach())[0]) for b, p in zip(before, params)]
+
+
+@pytest.mark.parametrize("calls_per_update", [0, 1, 4])
+def test_lr_per_update_whatever_the_number_of_step_calls(calls_per_update):
+    params, opt, sched = make()
+    used = []
+    for _ in EXPECTED_LR:
+        used += update(params, opt)
+        for _ in range(calls_per_update):
+            sched.step()
+    assert used == pytest.approx(EXPECTED_LR, rel=1e-12)
+    assert sched.updates_done == len(EXPECTED_LR)
+
+
+def test_skipped_updates_do_not_advance_the_schedule():
+    # An AMP overflow skips optimizer.step() but the loop (or accelerate) still steps the scheduler.
+    params, opt, sched = make()
+    used = []
+    for t, _ in enumerate(EXPECTED_LR):
+        if t in (2, 9, 12):
+            for _ in range(3):
+                sched.step()  # skipped iterations
+        used += update(params, opt)
+        sched.step()
+    assert used == pytest.approx(EXPECTED_LR, rel=1e-12)
+
+
+def test_gradient_accumulation_counts_updates_not_micro_batches():
+    params, opt, sched = make()
+    used = []
+    for _ in EXPECTED_LR:
+        used += update(params, opt, micro_batches=3)
+        sched.step()
+    assert used == pytest.approx(EXPECTED_LR, rel=1e-12)
+
+
+def test_per_group_lr_scale():
+    params, opt, sched = make(lr_scales=(1.0, 0.5))
+    first = update(params, opt)
+    sched.step()
+    assert first == pytest.approx([0.1, 0.05])
+    assert sched.get_last_lr() == pytest.approx([0.1375, 0.06875])
+
+
+def test_get_last_lr_is_the_next_updates_lr():
+    params, opt, sched = make()
+    assert sched.get_last_lr() == pytest.approx([0.1])
+    for t in range(13):
+        update(params, opt)
+        sched.step()
+        assert sched.get_last_lr() == pytest.approx([EXPECTED_LR[t + 1]])
+
+
+def test_resume_continues_the_schedule_exactly():
+    params, opt, sched = make()
+    for _ in range(7):
+        update(params, opt)
+        sched.step()
+    buffer = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # plain data: loads without unpickling code
+
+    params2, opt2, sched2 = make()
+    with torch.no_grad():
+        params2[0].copy_(params[0])
+    opt2.load_state_dict(state["opt"])
+    sched2.load_state_dict(state["sched"])
+    used = []
+    for _ in EXPECTED_LR[7:]:
+        used += update(params2, opt2)
+        sched2.step()
+    assert used == pytest.approx(EXPECTED_LR[7:], rel=1e-12)
+
+
+def test_resume_with_other_updates_per_epoch_is_refused():
+    _, opt, sched = make()
+    other = GoyalLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))]), SCHEDULE, 8)
+    with pytest.raises(ValueError, match="same global batch size"):
+        other.load_state_dict(sched.state_dict())
+
+
+def test_step_with_an_argument_is_refused():
+    _, _, sched = make()
+    with pytest.raises(TypeError, match="takes no argument"):
+        sched.step(1024)
+
+
+def test_accelerate_prepared_scheduler_with_accumulation():
+    accelerate = pytest.importorskip("accelerate")
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = nn.Linear(3, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = GoyalLR(opt, SCHEDULE, UPDATES_PER_EPOCH)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    used = []
+    x = torch.ones(1, 3, dtype=torch.float64)
+    for _ in range(2 * 10):  # 10 updates of 2 micro-batches
+        before = model.weight.detach().clone()
+        with acc.accumulate(model):
+            acc.backward(model(x).sum())  # accelerate divides by gradient_accumulation_steps
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        if not torch.equal(before, model.weight):
+            used.append(float(before[0, 0] - model.weight.detach()[0, 0]))
+    assert used == pytest.approx(EXPECTED_LR[:10], rel=1e-12)
