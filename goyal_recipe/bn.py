@@ -69,8 +69,8 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
                 f"group_size={self.group_size}; make the per-device micro-batch a multiple of the BN group size"
             )
         groups = batch // self.group_size
-        # Statistics in fp32 also under autocast: BN is kept in full precision.
-        xg = x.float().view(groups, self.group_size, *x.shape[1:])
+        # Statistics in at least fp32 for bf16/fp16 inputs: BN is kept in full precision.
+        xg = x.to(torch.promote_types(x.dtype, torch.float32)).view(groups, self.group_size, *x.shape[1:])
         var, mean = torch.var_mean(xg, dim=(1, 3, 4), correction=0, keepdim=True)  # (G, 1, C, 1, 1)
         scale = torch.rsqrt(var + self.eps)
         shift = -mean * scale

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from torch import nn
+
+from goyal_recipe import GoyalLR, LRFoldedSGD, Schedule, build_optimizer, param_groups
+
+timm = pytest.importorskip("timm")
+
+
+def test_param_groups_timm_resnet50():
+    model = timm.create_model("resnet50", num_classes=1000)
+    groups = {g["name"]: g for g in param_groups(model)}
+    # 53 BN layers x (gamma, beta); 53 convs + fc weight; fc bias.
+    assert {n: (g["num_tensors"], g["num_params"], g["weight_decay"]) for n, g in groups.items()} == {
+        "decay": (54, 25_502_912, 1e-4),
+        "norm": (106, 53_120, 0.0),
+        "bias": (1, 1_000, 1e-4),
+    }
+    names = {id(p): n for n, p in model.named_parameters()}
+    norm_names = {names[id(p)] for p in groups["norm"]["params"]}
+    # The shortcut BN of a timm ResNet is `downsample.1`: no "bn" in its name.
+    assert {"layer1.0.downsample.1.weight", "layer1.0.downsample.1.bias", "layer4.0.downsample.1.weight"} <= norm_names
+    bn_tensors = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for n in (f"{n}.weight", f"{n}.bias")}
+    assert norm_names == bn_tensors
+    every = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(every) == len(set(every)) == len(list(model.parameters()))
+
+
+def test_param_groups_bias_decay_and_shared_parameters():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.LayerNorm(4), lin)  # shared module: parameters once
+    groups = {g["name"]: g for g in param_groups(model, weight_decay=0.05, bias_weight_decay=0.0)}
+    assert groups["decay"]["num_tensors"] == 1 and groups["bias"]["num_tensors"] == 1
+    assert groups["bias"]["weight_decay"] == 0.0 and groups["norm"]["num_params"] == 8
+
+
+def run_trajectory(make_opt, updates=50):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    data = torch.randn(updates, 16, 6, dtype=torch.float64)
+    target = torch.randn(updates, 16, 3, dtype=torch.float64)
+    opt = make_opt(model)
+    # Warmup over updates 0-9 from 0.1 to 0.4, x0.1 at updates 30 and 40.
+    sched = GoyalLR(opt, Schedule(global_batch_size=1024, warmup_epochs=1, milestones=(3, 4), epochs=5), 10)
+    for x, y in zip(data, target):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lr_folded_sgd_with_correction_follows_torch_sgd(nesterov):
+    def torch_sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=nesterov)
+
+    def folded(correction):
+        return lambda m: LRFoldedSGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                     nesterov=nesterov, momentum_correction=correction)
+
+    reference = run_trajectory(torch_sgd)
+    corrected = run_trajectory(folded(True))
+    uncorrected = run_trajectory(folded(False))
+    rel = lambda a: float((a - reference).norm() / reference.norm())  # noqa: E731
+    assert rel(corrected) < 1e-6
+    assert rel(uncorrected) > 1e-2  # the missing correction changes the trajectory clearly
+
+
+def test_lr_folded_sgd_matches_torch_sgd_at_constant_lr_without_correction():
+    # Eq. (9) and (10) agree while the LR is fixed, correction or not.
+    torch.manual_seed(1)
+    w1 = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    w2 = nn.Parameter(w1.detach().clone())
+    a = torch.optim.SGD([w1], lr=0.3, momentum=0.9)
+    b = LRFoldedSGD([w2], lr=0.3, momentum=0.9, momentum_correction=False)
+    for step in range(20):
+        for w, opt in ((w1, a), (w2, b)):
+            (w - 2).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(w1, w2, rtol=1e-12, atol=1e-12)
+
+
+def test_lr_folded_sgd_state_survives_checkpoint():
+    w = nn.Parameter(torch.ones(3))
+    opt = LRFoldedSGD([w], lr=0.5, momentum=0.9)
+    w.sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    assert state["state"][0]["lr"] == 0.5
+    torch.testing.assert_close(state["state"][0]["velocity"], torch.full((3,), 0.5))
+
+
+def test_build_optimizer_kinds():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    sgd = build_optimizer(model, "sgd")
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] is True
+    assert [g["weight_decay"] for g in sgd.param_groups] == [1e-4, 0.0]
+    assert isinstance(build_optimizer(model, "folded_sgd"), LRFoldedSGD)
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        build_optimizer(model, "adam")
