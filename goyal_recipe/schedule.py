@@ -124,6 +124,10 @@ class Schedule:
 
     def describe(self, updates_per_epoch: int | None = None) -> str:
         """Human-readable table of the schedule; with `updates_per_epoch`, also in updates."""
+        return format_table(self.rows(updates_per_epoch))
+
+    def rows(self, updates_per_epoch: int | None = None) -> list[tuple[str, str]]:
+        """(name, value) rows of `describe`."""
         kn, base = self.global_batch_size, self.base_batch_size
         formula = {
             "linear": f"{self.base_lr:g} x {kn}/{base}",
@@ -152,5 +156,10 @@ class Schedule:
             ("decay", decay),
             ("epochs", f"{self.epochs:g}" + (f" ({round(self.epochs * updates_per_epoch)} updates)" if updates_per_epoch else "")),
         ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        return rows
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,104 @@
+"""The trainer's input pipeline: sources, recipe transforms, sampler and loaders wired together.
+
+Augmentation randomness is a function of (seed, epoch, sample index) only: each sample is
+transformed under its own seed. A resumed run, a different number of loader workers or a
+different world size therefore crop and flip every image exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import BatchPlan, RecipeConfig
+from ..sampler import EpochShuffleSampler
+from .generate import generate_dataset, read_done
+from .loader import build_loader
+from .sources import build_dataset
+from .transforms import eval_transform, train_transform
+
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+
+
+class EpochSeededDataset(Dataset):
+    """Indexed by (epoch, index); returns (image, label, index) with augmentation seeded per sample."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        saved = torch.get_rng_state()
+        torch.manual_seed((self.seed * _MIX[0] + epoch * _MIX[1] + index) % (2**63))
+        try:
+            image, label = self.dataset[index]
+        finally:
+            torch.set_rng_state(saved)
+        return image, label, index
+
+
+class EpochTaggedSampler(Sampler):
+    """Yields (epoch, index) from an `EpochShuffleSampler`, for `EpochSeededDataset`."""
+
+    def __init__(self, sampler: EpochShuffleSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+
+@dataclass
+class Data:
+    train_loader: DataLoader
+    train_sampler: EpochShuffleSampler
+    val_loader: DataLoader | None
+    num_classes: int
+    num_train: int
+    num_val: int
+
+
+def ensure_generated(cfg: RecipeConfig, engine) -> None:
+    """Write the recipe's generated dataset to data.root once (main process), if it is missing."""
+    gen = cfg.data.generate
+    if gen is None:
+        return
+    if engine.is_main and read_done(cfg.data.root) is None:
+        generate_dataset(cfg.data.root, num_classes=gen.num_classes, train_per_class=gen.train_per_class,
+                         val_per_class=gen.val_per_class, image_size=(gen.image_width, gen.image_height),
+                         seed=gen.seed, difficulty=gen.difficulty)
+    engine.barrier()
+
+
+def build_data(cfg: RecipeConfig, plan: BatchPlan, engine) -> Data:
+    d = cfg.data
+    ensure_generated(cfg, engine)
+    kw = dict(hf_name=d.hf_name, allow_download=d.allow_download) if d.source == "hf" else {}
+    train_set = build_dataset(d.source, d.root, "train",
+                              train_transform(d.image_size, scale=(d.crop_min_area, 1.0), color_jitter=d.color_jitter,
+                                              pca_lighting=d.pca_lighting), **kw)
+    sampler = EpochShuffleSampler(len(train_set), engine.world_size, engine.rank, seed=cfg.run.seed,
+                                  batch_size=plan.per_device_batch_size, accumulation_steps=plan.accumulation_steps)
+    pin = engine.device.type == "cuda"
+    train_loader = build_loader(EpochSeededDataset(train_set, cfg.run.seed), EpochTaggedSampler(sampler),
+                                plan.per_device_batch_size, d.workers, pin_memory=pin, drop_last=True,
+                                worker_seed=cfg.run.seed)
+    val_loader, num_val = None, 0
+    if cfg.run.eval_every_epochs:
+        val_set = build_dataset(d.source, d.root, "val", eval_transform(d.image_size), **kw)
+        num_val = len(val_set)
+        # Every validation image exactly once across ranks: no padding, no drop.
+        val_sampler = EpochShuffleSampler(num_val, engine.world_size, engine.rank, drop_last=False, shuffle=False,
+                                          batch_size=d.eval_batch_size or plan.per_device_batch_size)
+        val_loader = build_loader(val_set, val_sampler, val_sampler.batch_size, d.workers, pin_memory=pin,
+                                  worker_seed=cfg.run.seed)
+    return Data(train_loader, sampler, val_loader, train_set.num_classes, len(train_set), num_val)

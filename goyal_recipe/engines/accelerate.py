@@ -1,0 +1,98 @@
+"""Hugging Face accelerate as the engine: processes, devices, DDP, collectives, trackers.
+
+The recipe owns what accelerate could also do, so that every engine runs the same maths:
+accumulation (no `gradient_accumulation_steps`, which would divide the loss a second time),
+precision (bf16 autocast with BN in fp32), data sharding (the loaders are never prepared, so
+the `EpochShuffleSampler` split is the only one) and the LR (GoyalLR counts real updates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+
+class AccelerateEngine:
+    name = "accelerate"
+    grad_reduction = "mean"  # DDP averages gradients over ranks
+
+    def __init__(self, cfg):
+        # Per-worker BN (the paper): buffers are not broadcast from rank 0 at each forward; they
+        # are averaged by `average_buffers` before evaluation and checkpoints instead.
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+        self.accelerator = Accelerator(
+            log_with=list(cfg.run.trackers) or None,
+            project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tracking")),
+            kwargs_handlers=[ddp],
+            step_scheduler_with_optimizer=False,
+        )
+        self.precision = cfg.model.precision
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def prepare(self, model, optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_batch(self, model, last: bool):
+        """Context of one accumulation micro-batch: gradients are all-reduced only on the last."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(tensor)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def average_buffers(self, model) -> None:
+        """Average floating-point buffers (BN running statistics) over ranks."""
+        if self.world_size == 1:
+            return
+        for buffer in self.unwrap(model).buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(self.accelerator.reduce(buffer, reduction="mean"))
+
+    def init_trackers(self, name: str, config: dict) -> None:
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers(name, config=config)
+
+    def log(self, values: dict, step: int) -> None:
+        if self.accelerator.log_with:
+            self.accelerator.log(values, step=step)
+
+    def end(self) -> None:
+        self.accelerator.end_training()

@@ -1,0 +1,52 @@
+"""The model of a recipe: a timm model with the paper's initialisation and BN mode."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .bn import use_ghost_batchnorm, zero_init_last_bn
+from .config import BatchPlan, ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: ModelConfig, num_classes: int, plan: BatchPlan, world_size: int) -> nn.Module:
+    """`timm.create_model` with zero-gamma (or gamma = 1) residual init, FC ~ N(0, std^2) and the BN mode."""
+    import timm
+
+    try:
+        model = timm.create_model(cfg.name, num_classes=num_classes, zero_init_last=cfg.zero_init_last)
+    except TypeError:  # models without residual blocks take no zero_init_last
+        model = timm.create_model(cfg.name, num_classes=num_classes)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models()") from None
+        raise
+    if cfg.zero_init_last:
+        log.info("zero-gamma init on %d residual blocks", len(zero_init_last_bn(model)))
+    if cfg.fc_init_std is not None:
+        fc = model.get_classifier()
+        if isinstance(fc, nn.Linear):
+            nn.init.normal_(fc.weight, std=cfg.fc_init_std)
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
+    if cfg.bn == "ghost":
+        replaced = use_ghost_batchnorm(model, plan.bn_group_size)
+        log.info("ghost BN: %d layers, statistics over groups of %d", replaced, plan.bn_group_size)
+    elif cfg.bn == "sync" and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """`torch.compile` with a clean fallback to eager where the backend is missing."""
+    try:
+        return torch.compile(model)
+    except Exception as e:  # noqa: BLE001 - any backend failure means: run eager
+        log.warning("torch.compile unavailable (%s); training eager", e)
+        return model

@@ -1,0 +1,254 @@
+"""The training loop: build -> (train epoch, evaluate, checkpoint) x epochs -> export."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import BatchPlan, ConfigError, RecipeConfig, dump_config, plan_batches
+from .data.pipeline import build_data
+from .engines import make_engine
+from .loss import global_batch_loss
+from .lr import GoyalLR
+from .metrics import EvalCounter, JsonlWriter, ThroughputMeter, format_epoch_line, format_step_line, topk_correct
+from .model import build_model, compile_model
+from .optim import build_optimizer
+from .schedule import format_table
+
+log = logging.getLogger(__name__)
+
+
+def describe_run(cfg: RecipeConfig, plan: BatchPlan, num_train: int, updates_per_epoch: int) -> str:
+    """The resolved table printed at start: the batch chain, BN groups and the schedule in updates."""
+    rows = [
+        ("devices (world size)", str(plan.world_size)),
+        ("per-device micro-batch", str(plan.per_device_batch_size)),
+        ("accumulation steps", str(plan.accumulation_steps)),
+        ("BN group (n)", f"{plan.bn_group_size} ({cfg.model.bn}); k = {plan.bn_groups_per_update} groups per update"),
+        ("training images", f"{num_train} ({updates_per_epoch} updates per epoch, "
+                            f"{num_train - updates_per_epoch * plan.global_batch_size} dropped per epoch)"),
+        ("optimizer", f"{cfg.optim.optimizer}, momentum {cfg.optim.momentum:g}"
+                      f"{' nesterov' if cfg.optim.nesterov else ''}, weight decay {cfg.optim.weight_decay:g} "
+                      f"(norm {cfg.optim.norm_weight_decay:g})"),
+        ("model", f"{cfg.model.name}, zero-gamma {'on' if cfg.model.zero_init_last else 'off'}, {cfg.model.precision}"),
+    ]
+    return format_table(cfg.schedule().rows(updates_per_epoch) + rows)
+
+
+def _preflight(run_dir: Path) -> None:
+    """Fail before any work if the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); set run.output_dir to a writable path") from None
+
+
+class Trainer:
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.engine = engine = make_engine(cfg)
+        self.plan = plan = plan_batches(cfg, engine.world_size)
+        self.run_dir = cfg.run_dir
+        if engine.is_main:
+            _preflight(self.run_dir)
+        torch.manual_seed(cfg.run.seed)
+        self.data = build_data(cfg, plan, engine)
+        self.updates_per_epoch = self.data.num_train // plan.global_batch_size
+        model = build_model(cfg.model, cfg.model.num_classes or self.data.num_classes, plan, engine.world_size)
+        o = cfg.optim
+        optimizer = build_optimizer(model, o.optimizer, lr=o.base_lr, momentum=o.momentum, nesterov=o.nesterov,
+                                    weight_decay=o.weight_decay, norm_weight_decay=o.norm_weight_decay,
+                                    bias_weight_decay=o.bias_weight_decay, momentum_correction=o.momentum_correction)
+        self.model, self.optimizer = engine.prepare(model, optimizer)
+        if cfg.model.compile:
+            self.model = compile_model(self.model)
+        self.scheduler = GoyalLR(self.optimizer, cfg.schedule(), self.updates_per_epoch)
+        self.total_updates = o.epochs * self.updates_per_epoch
+        self.update = 0
+        self._resume()
+        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=engine.is_main)
+        self.samples = JsonlWriter(self.run_dir / f"samples_rank{engine.rank}.jsonl", enabled=cfg.run.log_samples)
+        self.meter = ThroughputMeter(total_updates=self.total_updates)
+
+    def _resume(self) -> None:
+        resume = self.cfg.run.resume
+        if resume == "none":
+            return
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        state = load_checkpoint(self.engine, path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.update = int(state["update"])
+        self._print(f"resumed from {path} at update {self.update}")
+
+    def _print(self, text: str) -> None:
+        if self.engine.is_main:
+            print(text, flush=True)
+
+    def _checkpoint(self) -> None:
+        state = {"update": self.update, "scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg)}
+        save_checkpoint(self.engine, self.run_dir, self.update, self.model, self.optimizer, state,
+                        self.cfg.run.keep_checkpoints)
+
+    def run(self) -> Path:
+        cfg, engine, data = self.cfg, self.engine, self.data
+        self._print(describe_run(cfg, self.plan, data.num_train, self.updates_per_epoch))
+        if engine.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            self.metrics.write({"kind": "run", "name": cfg.run.name, "global_batch_size": self.plan.global_batch_size,
+                                "updates_per_epoch": self.updates_per_epoch, "epochs": cfg.optim.epochs,
+                                "world_size": engine.world_size, "resumed_at_update": self.update, "time": time.time()})
+        engine.init_trackers(cfg.run.name, _flat(cfg.model_dump(mode="json")))
+        stop_at = min(self.total_updates, cfg.run.max_updates or self.total_updates)
+        while self.update < stop_at:
+            epoch = self.update // self.updates_per_epoch
+            train_stats = self._train_epoch(epoch, stop_at)
+            if self.update % self.updates_per_epoch:  # stopped inside the epoch (max_updates)
+                self._checkpoint()
+                break
+            self._end_epoch(epoch, train_stats)
+        self._finish()
+        return self.run_dir
+
+    def _train_epoch(self, epoch: int, stop_at: int) -> dict:
+        cfg, engine, plan, U = self.cfg, self.engine, self.plan, self.updates_per_epoch
+        device, kn, A = engine.device, plan.global_batch_size, plan.accumulation_steps
+        first = self.update
+        self.data.train_sampler.set_epoch(epoch, start=(first - epoch * U) * A * plan.per_device_batch_size)
+        self.model.train()
+        epoch_start = time.perf_counter()
+        window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 correct, images
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        batches = self.meter.timed(self.data.train_loader)
+        memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
+        last_update = min((epoch + 1) * U, stop_at)
+        while self.update < last_update:
+            indices = []
+            for micro in range(A):
+                images, labels, index = next(batches)
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                with engine.micro_batch(self.model, last=micro == A - 1):
+                    with engine.autocast():
+                        logits = self.model(images)
+                    per_sample = F.cross_entropy(logits.float(), labels, reduction="none",
+                                                 label_smoothing=cfg.optim.label_smoothing)
+                    engine.backward(global_batch_loss(per_sample, kn, engine.world_size, engine.grad_reduction))
+                window += torch.stack([per_sample.detach().sum().double(),
+                                       topk_correct(logits.detach(), labels, ks=(1,))[0].double(),
+                                       torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+                indices += index.tolist()
+            engine.step(self.optimizer)
+            lr = self.optimizer.param_groups[0]["lr"]  # set by GoyalLR for this update
+            self.scheduler.step()
+            self.update += 1
+            self.meter.step_done(kn)
+            self.samples.write({"epoch": epoch, "update": self.update, "indices": indices})
+            if self.update % cfg.run.log_every_updates == 0 or self.update == last_update:
+                totals += window
+                self._log_step(epoch, engine.all_reduce_sum(window), lr)
+                window.zero_()
+            if cfg.run.checkpoint_every_updates and self.update % cfg.run.checkpoint_every_updates == 0 \
+                    and self.update % U:
+                self._checkpoint()
+        totals = engine.all_reduce_sum(totals)
+        return {"train_loss": float(totals[0] / totals[2]), "train_top1_error": float(100 * (1 - totals[1] / totals[2])),
+                "epoch_s": time.perf_counter() - epoch_start}
+
+    def _log_step(self, epoch: int, window: torch.Tensor, lr: float) -> None:
+        loss = float(window[0] / window[2])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at update {self.update}; lower optim.base_lr "
+                                     "or check the data (the last complete checkpoint is intact)")
+        U, meter = self.updates_per_epoch, self.meter
+        record = {"kind": "step", "update": self.update, "epoch": self.update / U, "loss": loss, "lr": lr,
+                  "images_per_s": meter.images_per_s, "data_wait_s": meter.mean_data_wait_s,
+                  "step_s": meter.mean_step_s, "time": time.time()}
+        self.metrics.write(record)
+        self.engine.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": meter.images_per_s}, self.update)
+        self._print(format_step_line(epoch + 1, self.cfg.optim.epochs, self.update - epoch * U, U, loss, lr,
+                                     meter.images_per_s, meter.mean_data_wait_s, meter.eta_s(self.update)))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model = self.engine.unwrap(self.model)
+        model.eval()
+        counter = EvalCounter(self.engine.device)
+        for images, labels in self.data.val_loader:
+            images = images.to(self.engine.device, non_blocking=True)
+            labels = labels.to(self.engine.device, non_blocking=True)
+            with self.engine.autocast():
+                logits = model(images)
+            counter.update(logits.float(), labels, F.cross_entropy(logits.float(), labels, reduction="none"))
+        return counter.summary(self.engine.all_reduce_sum(counter.as_tensor()))
+
+    def _end_epoch(self, epoch: int, train_stats: dict) -> None:
+        cfg, engine = self.cfg, self.engine
+        engine.average_buffers(self.model)
+        self._check_ranks_agree()
+        every = cfg.run.eval_every_epochs
+        last = epoch + 1 == cfg.optim.epochs
+        evaluated = self.evaluate() if every and ((epoch + 1) % every == 0 or last) else {}
+        record = {"kind": "epoch", "epoch": epoch + 1, "update": self.update, **train_stats,
+                  "val_loss": None, "val_top1_error": None, "val_top5_error": None, "val_top1_acc": None,
+                  "val_top5_acc": None, "val_images": None, **evaluated,
+                  "lr": self.scheduler.lr_at(self.update - 1), "time": time.time()}
+        self.metrics.write(record)
+        engine.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)}, self.update)
+        self._print(format_epoch_line(record, cfg.optim.epochs))
+        self._checkpoint()
+        self.meter.reset_clock()
+
+    def _check_ranks_agree(self) -> None:
+        """Data-parallel ranks must hold identical weights; a mismatch means a broken all-reduce."""
+        if self.engine.world_size == 1:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in self.engine.unwrap(self.model).parameters()]).sum()
+        sums = self.engine.gather(checksum.reshape(1))
+        if not torch.all(sums == sums[0]):
+            raise RuntimeError(f"ranks hold different weights after update {self.update} (checksums {sums.tolist()}); "
+                               "check that every rank runs the same code, data size and recipe")
+
+    def _finish(self) -> None:
+        engine = self.engine
+        self.metrics.close()
+        self.samples.close()
+        engine.barrier()
+        if engine.is_main and self.update >= self.total_updates:
+            state = {k: v.detach().contiguous().cpu() for k, v in engine.unwrap(self.model).state_dict().items()}
+            save_file(state, self.run_dir / "model.safetensors", metadata={"format": "pt"})
+            self._print(f"weights: {self.run_dir / 'model.safetensors'}")
+        if engine.is_main and self.cfg.run.plots:
+            from .report import plot_run
+
+            for path in plot_run(self.run_dir):
+                self._print(f"plot: {path}")
+        engine.end()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def train(cfg: RecipeConfig) -> Path:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return Trainer(cfg).run()
