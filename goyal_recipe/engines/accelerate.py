@@ -9,6 +9,7 @@ the `EpochShuffleSampler` split is the only one) and the LR (GoyalLR counts real
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from accelerate import Accelerator
@@ -30,6 +31,14 @@ class AccelerateEngine:
             step_scheduler_with_optimizer=False,
         )
         self.precision = cfg.model.precision
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:
+            # accelerate falls back to independent single-process runs when a CPU launch lacks
+            # ACCELERATE_USE_CPU=1: each "rank" would train alone on the whole data set.
+            raise RuntimeError(
+                f"the launcher started {launched} processes but accelerate joined {self.accelerator.num_processes}; "
+                "for CPU processes set ACCELERATE_USE_CPU=1 (see accelerate_configs/README.md)"
+            )
 
     @property
     def world_size(self) -> int:
