@@ -95,8 +95,9 @@ class Schedule:
 
     @property
     def start_lr(self) -> float:
-        """LR at epoch 0 of a warmup: the reference minibatch's LR unless set."""
-        return self.base_lr if self.warmup_start_lr is None else self.warmup_start_lr
+        """LR at epoch 0 of a warmup: unless set, the reference minibatch's LR (the paper's eta),
+        capped at the peak, since a kn below the reference batch has nothing to warm up to."""
+        return min(self.base_lr, self.peak_lr) if self.warmup_start_lr is None else self.warmup_start_lr
 
     @property
     def _warmup_end(self) -> float:

@@ -65,6 +65,11 @@ def test_warmup_start_lr_override():
     assert s.lr(1) == pytest.approx(0.2)
 
 
+def test_warmup_never_starts_above_the_peak():
+    small = Schedule(global_batch_size=128)  # k < 1: peak 0.05, nothing to warm up to
+    assert small.lr(0) == small.lr(2.5) == small.lr(5) == pytest.approx(0.05)
+
+
 def test_cosine_and_no_decay():
     cos = Schedule(global_batch_size=8192, decay="cosine")
     assert cos.lr(5) == pytest.approx(3.2)

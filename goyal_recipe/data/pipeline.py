@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import BatchPlan, RecipeConfig
 from ..sampler import EpochShuffleSampler
-from .generate import generate_dataset, read_done
+from .generate import generate_dataset
 from .loader import build_loader
 from .sources import build_dataset
 from .transforms import eval_transform, train_transform
@@ -68,11 +68,11 @@ class Data:
 
 
 def ensure_generated(cfg: RecipeConfig, engine) -> None:
-    """Write the recipe's generated dataset to data.root once (main process), if it is missing."""
+    """Write the recipe's generated dataset to data.root (main process) unless it is there with these settings."""
     gen = cfg.data.generate
     if gen is None:
         return
-    if engine.is_main and read_done(cfg.data.root) is None:
+    if engine.is_main:
         generate_dataset(cfg.data.root, num_classes=gen.num_classes, train_per_class=gen.train_per_class,
                          val_per_class=gen.val_per_class, image_size=(gen.image_width, gen.image_height),
                          seed=gen.seed, difficulty=gen.difficulty)
@@ -82,8 +82,9 @@ def ensure_generated(cfg: RecipeConfig, engine) -> None:
 def build_data(cfg: RecipeConfig, plan: BatchPlan, engine) -> Data:
     d = cfg.data
     ensure_generated(cfg, engine)
-    kw = dict(hf_name=d.hf_name, allow_download=d.allow_download) if d.source == "hf" else {}
-    train_set = build_dataset(d.source, d.root, "train",
+    # source=hf reads a name from the local HF cache (data.hf_name) or a dataset directory (data.root).
+    root, kw = (d.hf_name or d.root, {"allow_download": d.allow_download}) if d.source == "hf" else (d.root, {})
+    train_set = build_dataset(d.source, root, "train",
                               train_transform(d.image_size, scale=(d.crop_min_area, 1.0), color_jitter=d.color_jitter,
                                               pca_lighting=d.pca_lighting), **kw)
     sampler = EpochShuffleSampler(len(train_set), engine.world_size, engine.rank, seed=cfg.run.seed,
@@ -94,7 +95,7 @@ def build_data(cfg: RecipeConfig, plan: BatchPlan, engine) -> Data:
                                 worker_seed=cfg.run.seed)
     val_loader, num_val = None, 0
     if cfg.run.eval_every_epochs:
-        val_set = build_dataset(d.source, d.root, "val", eval_transform(d.image_size), **kw)
+        val_set = build_dataset(d.source, root, "val", eval_transform(d.image_size), **kw)
         num_val = len(val_set)
         # Every validation image exactly once across ranks: no padding, no drop.
         val_sampler = EpochShuffleSampler(num_val, engine.world_size, engine.rank, drop_last=False, shuffle=False,
