@@ -134,6 +134,30 @@ def _draw_line(curves: RunCurves, points: Points, ylabel: str, path: Path) -> Pa
     return _save(fig, ax, path)
 
 
+def schedule_points(run_dir: str | Path, header: dict[str, Any]) -> Points:
+    """The LR of every update from the run's resolved `config.yaml` (empty if it is absent)."""
+    from goyal_recipe.config import load_config
+
+    config, updates_per_epoch = Path(run_dir) / "config.yaml", header.get("updates_per_epoch")
+    if not config.is_file() or not updates_per_epoch:
+        return []
+    schedule = load_config(config).schedule()
+    total = round(schedule.epochs * updates_per_epoch)
+    return [(t / updates_per_epoch, schedule.lr(t / updates_per_epoch)) for t in range(total)]
+
+
+def _draw_lr(curves: RunCurves, schedule: Points, path: Path) -> Path:
+    """The schedule per update as a line, the logged LRs (those really used) as dots on it."""
+    fig, ax = _axes("epochs", "learning rate", curves.label)
+    if schedule:
+        ax.plot(*zip(*schedule), label="schedule")
+    # A logged LR is that of update t (1-based), which starts at fractional epoch (t - 1) / U.
+    shift = 1 / curves.header["updates_per_epoch"] if schedule else 0.0
+    ax.plot([x - shift for x, _ in curves.lr], [y for _, y in curves.lr], ".", markersize=4,
+            label="logged updates" if schedule else None)
+    return _save(fig, ax, path)
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write ``error.png`` (top-1 error % vs epoch), ``lr.png`` (LR vs fractional epoch) and
     ``loss.png`` (training loss vs fractional epoch) into ``out_dir`` (``run_dir/plots``).
@@ -149,7 +173,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         _draw_error(ax, curves)
         written.append(_save(fig, ax, out / "error.png"))
     if curves.lr:
-        written.append(_draw_line(curves, curves.lr, "learning rate", out / "lr.png"))
+        written.append(_draw_lr(curves, schedule_points(run_dir, curves.header), out / "lr.png"))
     if curves.loss:
         written.append(_draw_line(curves, curves.loss, "training loss", out / "loss.png"))
     if not written:

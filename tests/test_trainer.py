@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from goyal_recipe import Schedule
 from goyal_recipe.data.generate import generate_dataset
+from goyal_recipe.report import schedule_points
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -85,6 +86,10 @@ def test_two_processes_lr_coverage_and_exact_validation(runs):
     assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-12)
     for r in steps:  # the LR used by update t (0-based) is Schedule.lr(t / updates_per_epoch)
         assert r["lr"] == pytest.approx(schedule.lr((r["update"] - 1) / UPDATES_PER_EPOCH), rel=1e-12)
+    header = records(run_dir, "run")[0]
+    assert header["updates_per_epoch"] == UPDATES_PER_EPOCH and header["world_size"] == 2
+    planned = schedule_points(run_dir, header)  # what lr.png draws, from the saved config.yaml
+    assert [lr for _, lr in planned] == pytest.approx(expected, rel=1e-12)
     one_proc = records(runs / "one_proc", "step")
     assert [r["lr"] for r in steps] == pytest.approx([r["lr"] for r in one_proc], rel=1e-12)
 
