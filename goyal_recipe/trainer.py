@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import BatchPlan, ConfigError, RecipeConfig, dump_config, plan_batches
@@ -59,6 +60,9 @@ class Trainer:
         self.cfg = cfg
         self.engine = engine = make_engine(cfg)
         self.plan = plan = plan_batches(cfg, engine.world_size)
+        if cfg.model.bn == "sync" and engine.world_size > 1 and engine.device.type != "cuda":
+            raise ConfigError("model.bn=sync needs CUDA devices (torch's SyncBatchNorm); "
+                              "use model.bn=ghost, the paper's per-worker statistics, on this machine")
         self.run_dir = cfg.run_dir
         if engine.is_main:
             _preflight(self.run_dir)
@@ -95,7 +99,7 @@ class Trainer:
 
     def _print(self, text: str) -> None:
         if self.engine.is_main:
-            print(text, flush=True)
+            tqdm.write(text)  # above the progress bar, if one is shown
 
     def _checkpoint(self) -> None:
         state = {"update": self.update, "scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg)}
@@ -116,7 +120,9 @@ class Trainer:
             epoch = self.update // self.updates_per_epoch
             train_stats = self._train_epoch(epoch, stop_at)
             if self.update % self.updates_per_epoch:  # stopped inside the epoch (max_updates)
-                self._checkpoint()
+                every = cfg.run.checkpoint_every_updates
+                if not (every and self.update % every == 0):
+                    self._checkpoint()
                 break
             self._end_epoch(epoch, train_stats)
         self._finish()
@@ -134,6 +140,8 @@ class Trainer:
         batches = self.meter.timed(self.data.train_loader)
         memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
         last_update = min((epoch + 1) * U, stop_at)
+        bar = tqdm(total=U, initial=first - epoch * U, desc=f"epoch {epoch + 1}", unit="update", leave=False,
+                   disable=not (engine.is_main and sys.stderr.isatty()))
         while self.update < last_update:
             indices = []
             for micro in range(A):
@@ -155,6 +163,7 @@ class Trainer:
             self.scheduler.step()
             self.update += 1
             self.meter.step_done(kn)
+            bar.update()
             self.samples.write({"epoch": epoch, "update": self.update, "indices": indices})
             if self.update % cfg.run.log_every_updates == 0 or self.update == last_update:
                 totals += window
@@ -163,6 +172,7 @@ class Trainer:
             if cfg.run.checkpoint_every_updates and self.update % cfg.run.checkpoint_every_updates == 0 \
                     and self.update % U:
                 self._checkpoint()
+        bar.close()
         totals = engine.all_reduce_sum(totals)
         return {"train_loss": float(totals[0] / totals[2]), "train_top1_error": float(100 * (1 - totals[1] / totals[2])),
                 "epoch_s": time.perf_counter() - epoch_start}

@@ -43,12 +43,13 @@ def overrides(data_root, run_dir, name, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def train(args, processes=1, expect_ok=True):
+def train(args, processes=1, expect_ok=True, cpu=True):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     if processes == 1:
         cmd = [sys.executable, "-m", "goyal_recipe.cli", "train", str(REPO / "recipes" / "quickstart.yaml"), *args]
     else:
-        env["ACCELERATE_USE_CPU"] = "1"
+        if cpu:
+            env["ACCELERATE_USE_CPU"] = "1"
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
                "-m", "goyal_recipe.cli", "train", str(REPO / "recipes" / "quickstart.yaml"), *args]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -68,10 +69,11 @@ def step_losses(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(data_root, tmp_path_factory):
-    """The same recipe as 2 processes x 8 images, and as 1 process x 2 accumulation micro-batches of 8."""
+    """The same recipe as 2 processes x 8 images (JPEG folders), and as 1 process x 2 accumulation
+    micro-batches of 8 (the same images from the parquet shards, with TensorBoard logging)."""
     out = tmp_path_factory.mktemp("runs")
     train(overrides(data_root, out, "two_procs"), processes=2)
-    train(overrides(data_root, out, "one_proc"))
+    train(overrides(data_root, out, "one_proc", **{"data.source": "parquet", "run.trackers": "[tensorboard]"}))
     return out
 
 
@@ -106,7 +108,18 @@ def test_two_processes_lr_coverage_and_exact_validation(runs):
 
     epochs = records(run_dir, "epoch")
     assert [r["val_images"] for r in epochs] == [20] * EPOCHS
-    assert (run_dir / "model.safetensors").is_file()
+
+
+def test_exported_weights_load_into_timm_and_tensorboard_logs(runs):
+    timm = pytest.importorskip("timm")
+    path = runs / "two_procs" / "model.safetensors"
+    # num_classes in the overlay too: otherwise timm drops a classifier whose size differs from its 1000.
+    model = timm.create_model("resnet10t", num_classes=4, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=4))
+    saved = load_file(path)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+    assert list((runs / "one_proc" / "tracking").rglob("events.out.tfevents*"))
 
 
 def test_workers_equal_accumulation(runs):
@@ -124,10 +137,13 @@ def test_workers_equal_accumulation(runs):
 
 
 def test_resume_equals_uninterrupted(runs, data_root, tmp_path):
-    # Interrupted after 6 updates (inside epoch 2), then continued with resume=auto.
-    train(overrides(data_root, tmp_path, "one_proc", **{"run.max_updates": 6, "run.resume": "auto"}))
+    # Interrupted after 6 updates (inside epoch 2, checkpoints every 3 updates), then resume=auto.
+    same = {"data.source": "parquet", "run.resume": "auto"}
+    train(overrides(data_root, tmp_path, "one_proc", **same, **{"run.max_updates": 6, "run.checkpoint_every_updates": 3}))
     assert not (tmp_path / "one_proc" / "model.safetensors").exists()
-    proc = train(overrides(data_root, tmp_path, "one_proc", **{"run.resume": "auto"}))
+    assert sorted(p.name for p in (tmp_path / "one_proc" / "checkpoints").iterdir()) == [
+        "update_000000004", "update_000000006"]  # epoch end at 4, periodic at 6; the oldest (3) pruned
+    proc = train(overrides(data_root, tmp_path, "one_proc", **same))
     assert "at update 6" in proc.stdout
     assert step_losses(tmp_path / "one_proc") == pytest.approx(step_losses(runs / "one_proc"), rel=1e-6)
     resumed = load_file(tmp_path / "one_proc" / "model.safetensors")
@@ -139,17 +155,42 @@ def test_resume_equals_uninterrupted(runs, data_root, tmp_path):
     assert sorted(epoch1) == list(range(64))  # no sample skipped or repeated across the interruption
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm needs 2 CUDA devices")
+def test_sync_bn_over_two_processes_equals_one_batch(data_root, tmp_path):
+    """SyncBN over 2 x 8 images normalises exactly as BN over one micro-batch of 16."""
+    train(overrides(data_root, tmp_path, "sync", **{"model.bn": "sync"}), processes=2, cpu=False)
+    train(overrides(data_root, tmp_path, "single", **{"model.bn": "per_device", "batch.per_device_batch_size": 16}))
+    synced, single = load_file(tmp_path / "sync" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    for key in single:
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(synced[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bf16_channels_last_switches_change_speed_only(runs, data_root, tmp_path):
+    fast = {"model.precision": "bf16", "model.channels_last": "true", "data.source": "parquet", "run.max_updates": 3}
+    train(overrides(data_root, tmp_path, "bf16", **fast))
+    reference = step_losses(runs / "one_proc")
+    for update, loss in step_losses(tmp_path / "bf16").items():
+        assert loss == pytest.approx(reference[update], rel=0.05)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["optim.warmpu=constant"], "unknown key optim.warmpu"),
     (["batch.global_batch_size=20"], "batch.global_batch_size=20 is not divisible"),
     (["model.bn_group_size=16"], "model.bn_group_size=16 does not divide batch.per_device_batch_size=8"),
     (["optim.milestones=[5]"], "milestones [5.0] must lie in"),
     (["model.name=resnet9000"], "model.name='resnet9000' is not a timm model"),
+    (["model.bn=sync", "__2procs__"], "model.bn=sync needs CUDA devices"),
 ])
 def test_bad_config_one_line_error(data_root, tmp_path, extra, message):
-    proc = train(overrides(data_root, tmp_path, "bad") + extra, expect_ok=False)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
+    processes = 2 if "__2procs__" in extra else 1
+    extra = [e for e in extra if e != "__2procs__"]
+    proc = train(overrides(data_root, tmp_path, "bad") + extra, processes=processes, expect_ok=False)
+    if processes == 1:
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    else:  # torchrun reports a worker that exited 2 with exit code 1 and a traceback of its own
+        assert proc.returncode == 1 and "]: Traceback" not in proc.stderr and "exitcode  : 2" in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("goyal-train: error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
