@@ -1,10 +1,11 @@
 """Atomic checkpoints and exact resume.
 
-A checkpoint is a directory `checkpoints/update_<N>/` holding `model.safetensors`,
-`optimizer.pt` and `trainer.pt` (tensors and plain data, loaded with `weights_only=True`, so
-loading never runs code) and one `rng_rank<r>.pt` per rank. It is written under a temporary
-name and renamed once complete, with a `COMPLETE` marker, so an interrupted save is never picked
-by `resume=auto`. The directory must be on a file system all ranks share.
+A checkpoint is a directory `checkpoints/update_<N>/` holding the engine's model and optimizer
+state (accelerate: `model.safetensors` and `optimizer.pt`; DeepSpeed: its own checkpoint
+format), `trainer.pt` and one `rng_rank<r>.pt` per rank (tensors and plain data, loaded with
+`weights_only=True`, so loading them never runs code). It is written under a temporary name and
+renamed once complete, with a `COMPLETE` marker, so an interrupted save is never picked by
+`resume=auto`. The directory must be on a file system all ranks share.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def model_state(engine, model) -> dict:
+    """The unwrapped model's state dict on the CPU, contiguous: what safetensors stores."""
+    return {k: v.detach().contiguous().cpu() for k, v in engine.unwrap(model).state_dict().items()}
+
+
 def save_checkpoint(engine, run_dir: Path, update: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
     """Write checkpoint `update` from all ranks (a collective call), then prune to the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
@@ -68,10 +73,8 @@ def save_checkpoint(engine, run_dir: Path, update: int, model, optimizer, traine
         tmp.mkdir(parents=True)
     engine.barrier()
     torch.save(_rng_state(), tmp / f"rng_rank{engine.rank}.pt")
+    engine.save_state(tmp, model, optimizer)
     if engine.is_main:
-        state = {k: v.detach().contiguous().cpu() for k, v in engine.unwrap(model).state_dict().items()}
-        save_file(state, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(trainer_state, tmp / "trainer.pt")
     engine.barrier()
     if engine.is_main:
@@ -86,12 +89,11 @@ def save_checkpoint(engine, run_dir: Path, update: int, model, optimizer, traine
 
 
 def load_checkpoint(engine, path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from `path`; return the trainer state."""
+    """Restore model, optimizer and this rank's RNG from `path`; return the trainer state (a collective call)."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker); pick another or resume=none")
-    engine.unwrap(model).load_state_dict(load_file(path / "model.safetensors", device="cpu"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=engine.device, weights_only=True))
+    engine.load_state(path, model, optimizer)
     rng = path / f"rng_rank{engine.rank}.pt"
     if rng.is_file():  # absent when resuming on more ranks than saved
         _set_rng_state(torch.load(rng, weights_only=True))

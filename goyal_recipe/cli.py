@@ -9,10 +9,12 @@ import sys
 from .config import ConfigError, load_config
 
 
-def _fail(program: str, message: str) -> int:
-    # One line per launch, not one per rank.
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{program}: error: {message}", file=sys.stderr)
+def _fail(program: str, message: str, every_rank: bool = False) -> int:
+    """One line on stderr and exit code 2; once per launch, or from each rank where ranks see different data."""
+    rank = os.environ.get("RANK", "0")
+    if every_rank or rank == "0":
+        where = f" (rank {rank})" if every_rank and "RANK" in os.environ else ""
+        print(f"{program}: error{where}: {message}", file=sys.stderr)
     return 2
 
 
@@ -25,6 +27,8 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, key.sub=value")
     args = parser.parse_args(argv)
+    from .data.sources import BadImageError
+
     try:
         cfg = load_config(args.recipe, args.overrides)
         from .trainer import train
@@ -32,16 +36,21 @@ def train_main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (ConfigError, FileNotFoundError) as e:
         return _fail("goyal-train", str(e))
+    except BadImageError as e:  # found by the rank that loaded it
+        return _fail("goyal-train", str(e), every_rank=True)
     return 0
 
 
 def data_main(argv: list[str] | None = None) -> int:
     from .data.generate import generate_main
+    from .data.validate import validate_main
 
+    commands = {"generate": generate_main, "validate": validate_main}
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "generate":
-        return _fail("goyal-data", "usage: goyal-data generate ROOT [options]; see goyal-data generate --help")
-    return generate_main(argv[1:])
+    if not argv or argv[0] not in commands:
+        return _fail("goyal-data", "usage: goyal-data {generate,validate} ROOT [options]; "
+                                   "see goyal-data generate --help and goyal-data validate --help")
+    return commands[argv[0]](argv[1:])
 
 
 def plot_main(argv: list[str] | None = None) -> int:
@@ -55,6 +64,8 @@ COMMANDS = {"train": train_main, "data": data_main, "plot": plot_main}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher inserts --local_rank=N before our arguments; LOCAL_RANK carries it too.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv or argv[0] not in COMMANDS:
         return _fail("goyal_recipe.cli", f"usage: python -m goyal_recipe.cli {{{','.join(COMMANDS)}}} ...")
     return COMMANDS[argv[0]](argv[1:])

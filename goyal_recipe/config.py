@@ -8,6 +8,7 @@ per-device micro-batch, world size and accumulation are derived from it and chec
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,6 +78,10 @@ class DataConfig(_Section):
     """Loader worker processes per device."""
     eval_batch_size: int | None = Field(None, ge=1)
     """Per device; default: per_device_batch_size."""
+    bad_images: Literal["fail", "skip"] = "fail"
+    """An image that cannot be decoded: "fail" stops the run naming the file; "skip" trains on the next
+    decodable sample in its place (deterministic, counted; evaluation leaves it out). `goyal-data
+    validate ROOT` lists every bad file beforehand."""
 
 
 class ModelConfig(_Section):
@@ -126,6 +131,18 @@ class OptimConfig(_Section):
     milestones: list[float] = [30, 60, 80]
     gamma: float = Field(0.1, gt=0)
     epochs: int = Field(90, ge=1)
+    grad_clip_norm: float | None = Field(None, gt=0)
+    """Clip the global gradient norm before each update; None (the paper): no clipping."""
+
+
+class DeepSpeedConfig(_Section):
+    """Settings of engine=deepspeed. The batch chain, optimizer, LR and precision come from the recipe."""
+
+    zero_stage: Literal[0, 1] = 0
+    """0: plain data parallel; 1: optimizer state sharded. ResNet-50's 25M parameters and SGD's one
+    momentum buffer (100 MB in fp32) fit every GPU, so sharding only adds communication."""
+    config_file: str | None = None
+    """A ds_config JSON whose fields are added to the generated one; batch fields must agree with the recipe."""
 
 
 class RecipeConfig(_Section):
@@ -135,6 +152,7 @@ class RecipeConfig(_Section):
     batch: BatchConfig = BatchConfig()
     optim: OptimConfig = OptimConfig()
     engine: Literal["accelerate", "deepspeed"] = "accelerate"
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -146,7 +164,9 @@ class RecipeConfig(_Section):
         try:
             self.schedule()
         except ValueError as e:
-            raise ValueError(f"optim: {e}") from None
+            # Schedule names its field first ("milestones [...] must ..."): name the recipe key.
+            field = re.match(r"\w*", str(e)).group()
+            raise ValueError(f"optim.{e}" if field in OptimConfig.model_fields else f"optim: {e}") from None
         return self
 
     def schedule(self) -> Schedule:

@@ -11,8 +11,9 @@ from .schedule import Schedule
 def _innermost_optimizer(optimizer: Optimizer) -> Optimizer:
     """The torch optimizer that really updates weights.
 
-    accelerate's AcceleratedOptimizer and DeepSpeed's ZeRO optimizers wrap a torch optimizer in
-    `.optimizer`; the wrapped one is the one whose `step()` runs exactly once per real update.
+    accelerate's AcceleratedOptimizer and DeepSpeed's ZeRO optimizers (not torch optimizers
+    themselves) wrap a torch optimizer in `.optimizer`; the wrapped one is the one whose `step()`
+    runs exactly once per real update, and whose param groups the update reads.
     """
     while isinstance(getattr(optimizer, "optimizer", None), Optimizer):
         optimizer = optimizer.optimizer
@@ -43,11 +44,13 @@ class GoyalLR(LRScheduler):
         self.updates_per_epoch = int(updates_per_epoch)
         self.updates_done = 0
         inner = _innermost_optimizer(optimizer)
+        self._groups = list(inner.param_groups)
+        self._stepped: set[int] = set()  # ids of the groups stepped so far in the current update
         self._hooks = (
             inner.register_step_pre_hook(self._before_update),
             inner.register_step_post_hook(self._after_update),
         )
-        super().__init__(optimizer, last_epoch)
+        super().__init__(inner, last_epoch)
 
     @property
     def epoch_progress(self) -> float:
@@ -59,20 +62,32 @@ class GoyalLR(LRScheduler):
         return self.schedule.lr(update / self.updates_per_epoch)
 
     def _apply(self) -> None:
-        lr = self.lr_at(self.updates_done)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        for group, lr in zip(self._groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self._groups]
+
+    def _refresh_groups(self) -> None:
+        # Optimizer.load_state_dict replaces the group dicts; ZeRO narrows param_groups only inside step().
+        if not self._stepped:
+            self._groups = list(self.optimizer.param_groups)
 
     def _before_update(self, optimizer, args, kwargs) -> None:
-        self._apply()
+        if not self._stepped:
+            if len(optimizer.param_groups) == len(self._groups):
+                self._groups = list(optimizer.param_groups)
+            self._apply()
 
     def _after_update(self, optimizer, args, kwargs) -> None:
-        self.updates_done += 1
+        # DeepSpeed's ZeRO-1/2 step the wrapped optimizer once per param group, narrowing its
+        # param_groups to that group: an update is done once every group has stepped.
+        self._stepped.update(id(group) for group in optimizer.param_groups)
+        if self._stepped.issuperset(id(group) for group in self._groups):
+            self._stepped.clear()
+            self.updates_done += 1
 
     def get_lr(self) -> list[float]:
         lr = self.lr_at(self.updates_done)
-        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+        return [lr * group.get("lr_scale", 1.0) for group in self._groups]
 
     def step(self, epoch=None) -> None:
         if epoch is not None:
@@ -81,6 +96,7 @@ class GoyalLR(LRScheduler):
                 "(DeepSpeed passes a batch size here; let the trainer step it instead)"
             )
         self.last_epoch += 1
+        self._refresh_groups()
         self._apply()
 
     def state_dict(self) -> dict:
@@ -98,6 +114,7 @@ class GoyalLR(LRScheduler):
             )
         self.updates_done = int(state_dict["updates_done"])
         self.last_epoch = int(state_dict["last_epoch"])
+        self._refresh_groups()
         self._apply()
 
     def remove_hooks(self) -> None:

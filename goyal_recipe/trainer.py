@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
 from .config import BatchPlan, ConfigError, RecipeConfig, dump_config, plan_batches
 from .data.pipeline import build_data
 from .engines import make_engine
@@ -64,12 +64,12 @@ class Trainer:
             raise ConfigError("model.bn=sync needs CUDA devices (torch's SyncBatchNorm); "
                               "use model.bn=ghost, the paper's per-worker statistics, on this machine")
         self.run_dir = cfg.run_dir
-        if engine.is_main:
-            _preflight(self.run_dir)
         torch.manual_seed(cfg.run.seed)
         self.data = build_data(cfg, plan, engine)
         self.updates_per_epoch = self.data.num_train // plan.global_batch_size
         model = build_model(cfg.model, cfg.model.num_classes or self.data.num_classes, plan, engine.world_size)
+        if engine.is_main:  # only once the recipe has proven buildable: a failed start leaves no run directory
+            _preflight(self.run_dir)
         o = cfg.optim
         optimizer = build_optimizer(model, o.optimizer, lr=o.base_lr, momentum=o.momentum, nesterov=o.nesterov,
                                     weight_decay=o.weight_decay, norm_weight_decay=o.norm_weight_decay,
@@ -135,8 +135,9 @@ class Trainer:
         self.data.train_sampler.set_epoch(epoch, start=(first - epoch * U) * A * plan.per_device_batch_size)
         self.model.train()
         epoch_start = time.perf_counter()
-        window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 correct, images
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        # loss sum, top-1 correct, images, substituted bad images (data.bad_images=skip)
+        window = torch.zeros(4, dtype=torch.float64, device=device)
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
         batches = self.meter.timed(self.data.train_loader)
         memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
         last_update = min((epoch + 1) * U, stop_at)
@@ -145,7 +146,7 @@ class Trainer:
         while self.update < last_update:
             indices = []
             for micro in range(A):
-                images, labels, index = next(batches)
+                images, labels, index, bad = next(batches)
                 images = images.to(device, non_blocking=True, memory_format=memory_format)
                 labels = labels.to(device, non_blocking=True)
                 with engine.micro_batch(self.model, last=micro == A - 1):
@@ -156,10 +157,11 @@ class Trainer:
                     engine.backward(global_batch_loss(per_sample, kn, engine.world_size, engine.grad_reduction))
                 window += torch.stack([per_sample.detach().sum().double(),
                                        topk_correct(logits.detach(), labels, ks=(1,))[0].double(),
-                                       torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+                                       torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+                                       bad.to(device).sum().double()])
                 indices += index.tolist()
-            engine.step(self.optimizer)
-            lr = self.optimizer.param_groups[0]["lr"]  # set by GoyalLR for this update
+            engine.step(self.model, self.optimizer)
+            lr = self.scheduler.optimizer.param_groups[0]["lr"]  # set by GoyalLR for this update
             self.scheduler.step()
             self.update += 1
             self.meter.step_done(kn)
@@ -175,7 +177,7 @@ class Trainer:
         bar.close()
         totals = engine.all_reduce_sum(totals)
         return {"train_loss": float(totals[0] / totals[2]), "train_top1_error": float(100 * (1 - totals[1] / totals[2])),
-                "epoch_s": time.perf_counter() - epoch_start}
+                "train_bad_images": int(totals[3]), "epoch_s": time.perf_counter() - epoch_start}
 
     def _log_step(self, epoch: int, window: torch.Tensor, lr: float) -> None:
         loss = float(window[0] / window[2])
@@ -184,6 +186,7 @@ class Trainer:
                                      "or check the data (the last complete checkpoint is intact)")
         U, meter = self.updates_per_epoch, self.meter
         record = {"kind": "step", "update": self.update, "epoch": self.update / U, "loss": loss, "lr": lr,
+                  "bad_images": int(window[3]),
                   "images_per_s": meter.images_per_s, "data_wait_s": meter.mean_data_wait_s,
                   "step_s": meter.mean_step_s, "time": time.time()}
         self.metrics.write(record)
@@ -193,16 +196,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Top-1/top-5 error over every validation image once; substituted bad images are left out and counted."""
         model = self.engine.unwrap(self.model)
         model.eval()
         counter = EvalCounter(self.engine.device)
-        for images, labels in self.data.val_loader:
-            images = images.to(self.engine.device, non_blocking=True)
-            labels = labels.to(self.engine.device, non_blocking=True)
-            with self.engine.autocast():
-                logits = model(images)
-            counter.update(logits.float(), labels, F.cross_entropy(logits.float(), labels, reduction="none"))
-        return counter.summary(self.engine.all_reduce_sum(counter.as_tensor()))
+        bad_images = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
+        for images, labels, bad in self.data.val_loader:
+            keep = bad == 0
+            images = images[keep].to(self.engine.device, non_blocking=True)
+            labels = labels[keep].to(self.engine.device, non_blocking=True)
+            bad_images += float((~keep).sum())
+            if labels.numel():
+                with self.engine.autocast():
+                    logits = model(images)
+                counter.update(logits.float(), labels, F.cross_entropy(logits.float(), labels, reduction="none"))
+        summary = counter.summary(self.engine.all_reduce_sum(counter.as_tensor()))
+        summary["val_bad_images"] = int(self.engine.all_reduce_sum(bad_images))
+        return summary
 
     def _end_epoch(self, epoch: int, train_stats: dict) -> None:
         cfg, engine = self.cfg, self.engine
@@ -237,8 +247,7 @@ class Trainer:
         self.samples.close()
         engine.barrier()
         if engine.is_main and self.update >= self.total_updates:
-            state = {k: v.detach().contiguous().cpu() for k, v in engine.unwrap(self.model).state_dict().items()}
-            save_file(state, self.run_dir / "model.safetensors", metadata={"format": "pt"})
+            save_file(model_state(engine, self.model), self.run_dir / "model.safetensors", metadata={"format": "pt"})
             self._print(f"weights: {self.run_dir / 'model.safetensors'}")
         if engine.is_main and self.cfg.run.plots:
             from .report import plot_run

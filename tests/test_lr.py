@@ -64,6 +64,25 @@ def test_gradient_accumulation_counts_updates_not_micro_batches():
     assert used == pytest.approx(EXPECTED_LR, rel=1e-12)
 
 
+def test_an_optimizer_stepped_one_group_at_a_time_counts_one_update():
+    # DeepSpeed ZeRO-1/2 narrow param_groups to one group and call the inner step() per group.
+    params, opt, sched = make(lr_scales=(1.0, 0.5, 2.0))
+    used = []
+    for _ in range(10):
+        before = [p.detach().clone() for p in params]
+        sum(p.sum() for p in params).backward()
+        groups = opt.param_groups
+        for group in groups:
+            opt.param_groups = [group]
+            opt.step()
+        opt.param_groups = groups
+        opt.zero_grad()
+        used += [float((b - p.detach())[0]) for b, p in zip(before, params)]
+        sched.step()
+    assert sched.updates_done == 10
+    assert used == pytest.approx([lr * s for lr in EXPECTED_LR[:10] for s in (1.0, 0.5, 2.0)], rel=1e-12)
+
+
 def test_per_group_lr_scale():
     params, opt, sched = make(lr_scales=(1.0, 0.5))
     first = update(params, opt)

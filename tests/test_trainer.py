@@ -1,70 +1,13 @@
 """End-to-end runs of goyal-train in real processes: 1 process, and 2 processes under accelerate launch."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from _runs import EPOCHS, EXPECTED_LR, UPDATES_PER_EPOCH, overrides, parameters, records, samples_by_epoch, \
+    step_losses, train
 from goyal_recipe import Schedule
-from goyal_recipe.data.generate import generate_dataset
 from goyal_recipe.report import schedule_points
-
-REPO = Path(__file__).parents[1]
-BIN = Path(sys.executable).parent
-# 4 classes x 16 train images = 64; kn = 16 -> 4 updates per epoch; 4 x 5 = 20 validation images.
-TINY = dict(num_classes=4, train_per_class=16, val_per_class=5, image_size=(32, 24), seed=0)
-UPDATES_PER_EPOCH = 4
-EPOCHS = 3
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "tiny"
-    generate_dataset(root, **TINY)
-    return root
-
-
-def overrides(data_root, run_dir, name, **extra):
-    base = {
-        "run.name": name, "run.output_dir": str(run_dir), "run.log_every_updates": 1, "run.log_samples": "true",
-        "run.plots": "false", "data.root": str(data_root), "data.generate": "null", "data.image_size": 32,
-        "data.workers": 0,
-        "model.name": "resnet10t", "model.bn_group_size": 4,
-        "batch.global_batch_size": 16, "batch.per_device_batch_size": 8,
-        "optim.base_lr": 0.05, "optim.base_batch_size": 4,  # peak 0.05 x 16/4 = 0.2
-        "optim.epochs": EPOCHS, "optim.warmup_epochs": 1, "optim.milestones": "[2]",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def train(args, processes=1, expect_ok=True, cpu=True):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    if processes == 1:
-        cmd = [sys.executable, "-m", "goyal_recipe.cli", "train", str(REPO / "recipes" / "quickstart.yaml"), *args]
-    else:
-        if cpu:
-            env["ACCELERATE_USE_CPU"] = "1"
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
-               "-m", "goyal_recipe.cli", "train", str(REPO / "recipes" / "quickstart.yaml"), *args]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def records(run_dir, kind):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def step_losses(run_dir):
-    return {r["update"]: r["loss"] for r in records(run_dir, "step")}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +15,7 @@ def runs(data_root, tmp_path_factory):
     """The same recipe as 2 processes x 8 images (JPEG folders), and as 1 process x 2 accumulation
     micro-batches of 8 (the same images from the parquet shards, with TensorBoard logging)."""
     out = tmp_path_factory.mktemp("runs")
-    train(overrides(data_root, out, "two_procs"), processes=2)
+    train(overrides(data_root, out, "two_procs"), launcher="accelerate")
     train(overrides(data_root, out, "one_proc", **{"data.source": "parquet", "run.trackers": "[tensorboard]"}))
     return out
 
@@ -83,24 +26,17 @@ def test_two_processes_lr_coverage_and_exact_validation(runs):
                         epochs=EPOCHS)
     steps = records(run_dir, "step")
     assert [r["update"] for r in steps] == list(range(1, EPOCHS * UPDATES_PER_EPOCH + 1))
-    # Gradual warmup 0.05 -> 0.2 over the 4 updates of epoch 0, peak in epoch 1, x0.1 from epoch 2.
-    expected = [0.05, 0.0875, 0.125, 0.1625, 0.2, 0.2, 0.2, 0.2, 0.02, 0.02, 0.02, 0.02]
-    assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-12)
+    assert [r["lr"] for r in steps] == pytest.approx(EXPECTED_LR, rel=1e-12)
     for r in steps:  # the LR used by update t (0-based) is Schedule.lr(t / updates_per_epoch)
         assert r["lr"] == pytest.approx(schedule.lr((r["update"] - 1) / UPDATES_PER_EPOCH), rel=1e-12)
     header = records(run_dir, "run")[0]
     assert header["updates_per_epoch"] == UPDATES_PER_EPOCH and header["world_size"] == 2
     planned = schedule_points(run_dir, header)  # what lr.png draws, from the saved config.yaml
-    assert [lr for _, lr in planned] == pytest.approx(expected, rel=1e-12)
+    assert [lr for _, lr in planned] == pytest.approx(EXPECTED_LR, rel=1e-12)
     one_proc = records(runs / "one_proc", "step")
     assert [r["lr"] for r in steps] == pytest.approx([r["lr"] for r in one_proc], rel=1e-12)
 
-    by_epoch = {}
-    for rank in (0, 1):
-        for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            assert len(rec["indices"]) == 8  # one micro-batch of n per rank per update
-            by_epoch.setdefault(rec["epoch"], []).extend(rec["indices"])
+    by_epoch = samples_by_epoch(run_dir, ranks=(0, 1))
     assert sorted(by_epoch) == list(range(EPOCHS))
     for epoch, seen in by_epoch.items():
         assert sorted(seen) == list(range(64)), epoch  # each sample exactly once per epoch
@@ -124,14 +60,11 @@ def test_exported_weights_load_into_timm_and_tensorboard_logs(runs):
 
 def test_workers_equal_accumulation(runs):
     """Footnote 5: k workers x n and 1 worker x k accumulation micro-batches of n are the same SGD."""
-    two = load_file(runs / "two_procs" / "model.safetensors")
-    one = load_file(runs / "one_proc" / "model.safetensors")
-    assert two.keys() == one.keys()
     # The SGD trajectory is the same; BN running statistics are not compared: k workers update
     # them once per update and are averaged, accumulation updates them once per micro-batch.
-    params = [k for k in two if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert len(params) == 44  # every parameter tensor of resnet10t
-    for key in params:
+    two, one = parameters(runs / "two_procs"), parameters(runs / "one_proc")
+    assert two.keys() == one.keys() and len(two) == 44  # every parameter tensor of resnet10t
+    for key in two:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
     assert step_losses(runs / "two_procs") == pytest.approx(step_losses(runs / "one_proc"), rel=1e-4)
 
@@ -150,8 +83,7 @@ def test_resume_equals_uninterrupted(runs, data_root, tmp_path):
     reference = load_file(runs / "one_proc" / "model.safetensors")
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
-    samples = [json.loads(x) for x in (tmp_path / "one_proc" / "samples_rank0.jsonl").read_text().splitlines()]
-    epoch1 = [i for r in samples if r["epoch"] == 1 for i in r["indices"]]
+    epoch1 = samples_by_epoch(tmp_path / "one_proc", ranks=(0,))[1]
     assert sorted(epoch1) == list(range(64))  # no sample skipped or repeated across the interruption
 
 
@@ -159,7 +91,7 @@ def test_resume_equals_uninterrupted(runs, data_root, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm needs 2 CUDA devices")
 def test_sync_bn_over_two_processes_equals_one_batch(data_root, tmp_path):
     """SyncBN over 2 x 8 images normalises exactly as BN over one micro-batch of 16."""
-    train(overrides(data_root, tmp_path, "sync", **{"model.bn": "sync"}), processes=2, cpu=False)
+    train(overrides(data_root, tmp_path, "sync", **{"model.bn": "sync"}), launcher="accelerate", cpu=False)
     train(overrides(data_root, tmp_path, "single", **{"model.bn": "per_device", "batch.per_device_batch_size": 16}))
     synced, single = load_file(tmp_path / "sync" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
     for key in single:
@@ -186,7 +118,8 @@ def test_bf16_channels_last_switches_change_speed_only(runs, data_root, tmp_path
 def test_bad_config_one_line_error(data_root, tmp_path, extra, message):
     processes = 2 if "__2procs__" in extra else 1
     extra = [e for e in extra if e != "__2procs__"]
-    proc = train(overrides(data_root, tmp_path, "bad") + extra, processes=processes, expect_ok=False)
+    proc = train(overrides(data_root, tmp_path, "bad") + extra, launcher="accelerate" if processes == 2 else "python",
+                 expect_ok=False)
     if processes == 1:
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
     else:  # torchrun reports a worker that exited 2 with exit code 1 and a traceback of its own

@@ -6,6 +6,8 @@ The only part of goyal_recipe that imports torchvision, datasets, PIL or pyarrow
 from .generate import generate_dataset, generate_main, read_done, synset_names
 from .loader import build_loader
 from .sources import (
+    BAD_IMAGE_POLICIES,
+    BadImageError,
     HFSource,
     ImageFolderSource,
     ParquetSource,
@@ -13,9 +15,11 @@ from .sources import (
     decode_rgb,
     find_split_files,
     load_hf_dataset,
+    load_sample,
     rgb_loader,
 )
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting, eval_resize_size, eval_transform, train_transform
+from .validate import find_bad_images, validate_main
 
 __all__ = [
     "generate_dataset",
@@ -30,6 +34,11 @@ __all__ = [
     "find_split_files",
     "rgb_loader",
     "decode_rgb",
+    "BadImageError",
+    "BAD_IMAGE_POLICIES",
+    "load_sample",
+    "find_bad_images",
+    "validate_main",
     "train_transform",
     "eval_transform",
     "eval_resize_size",

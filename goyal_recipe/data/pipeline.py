@@ -3,6 +3,10 @@
 Augmentation randomness is a function of (seed, epoch, sample index) only: each sample is
 transformed under its own seed. A resumed run, a different number of loader workers or a
 different world size therefore crop and flip every image exactly as an uninterrupted run would.
+
+An image that cannot be decoded follows `data.bad_images` (see `load_sample`): every sample carries
+a ``bad`` flag (0/1), so the trainer counts substitutes per update without shared state between
+loader workers.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ from ..config import BatchPlan, RecipeConfig
 from ..sampler import EpochShuffleSampler
 from .generate import generate_dataset
 from .loader import build_loader
-from .sources import build_dataset
+from .sources import build_dataset, load_sample
 from .transforms import eval_transform, train_transform
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
 
 
 class EpochSeededDataset(Dataset):
-    """Indexed by (epoch, index); returns (image, label, index) with augmentation seeded per sample."""
+    """Indexed by (epoch, index); returns (image, label, index, bad) with augmentation seeded per sample.
 
-    def __init__(self, dataset, seed: int):
+    `index` is the sampler's; with bad_images="skip" a substitute's image and label come with bad=1.
+    """
+
+    def __init__(self, dataset, seed: int, bad_images: str = "fail"):
         self.dataset = dataset
         self.seed = seed
+        self.bad_images = bad_images
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -37,10 +45,24 @@ class EpochSeededDataset(Dataset):
         saved = torch.get_rng_state()
         torch.manual_seed((self.seed * _MIX[0] + epoch * _MIX[1] + index) % (2**63))
         try:
-            image, label = self.dataset[index]
+            image, label, bad = load_sample(self.dataset, index, self.bad_images)
         finally:
             torch.set_rng_state(saved)
-        return image, label, index
+        return image, label, index, bad
+
+
+class FlaggedDataset(Dataset):
+    """Returns (image, label, bad) under the bad-image policy; for evaluation, which drops bad=1 samples."""
+
+    def __init__(self, dataset, bad_images: str = "fail"):
+        self.dataset = dataset
+        self.bad_images = bad_images
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return load_sample(self.dataset, index, self.bad_images)
 
 
 class EpochTaggedSampler(Sampler):
@@ -90,7 +112,7 @@ def build_data(cfg: RecipeConfig, plan: BatchPlan, engine) -> Data:
     sampler = EpochShuffleSampler(len(train_set), engine.world_size, engine.rank, seed=cfg.run.seed,
                                   batch_size=plan.per_device_batch_size, accumulation_steps=plan.accumulation_steps)
     pin = engine.device.type == "cuda"
-    train_loader = build_loader(EpochSeededDataset(train_set, cfg.run.seed), EpochTaggedSampler(sampler),
+    train_loader = build_loader(EpochSeededDataset(train_set, cfg.run.seed, d.bad_images), EpochTaggedSampler(sampler),
                                 plan.per_device_batch_size, d.workers, pin_memory=pin, drop_last=True,
                                 worker_seed=cfg.run.seed)
     val_loader, num_val = None, 0
@@ -100,6 +122,6 @@ def build_data(cfg: RecipeConfig, plan: BatchPlan, engine) -> Data:
         # Every validation image exactly once across ranks: no padding, no drop.
         val_sampler = EpochShuffleSampler(num_val, engine.world_size, engine.rank, drop_last=False, shuffle=False,
                                           batch_size=d.eval_batch_size or plan.per_device_batch_size)
-        val_loader = build_loader(val_set, val_sampler, val_sampler.batch_size, d.workers, pin_memory=pin,
-                                  worker_seed=cfg.run.seed)
+        val_loader = build_loader(FlaggedDataset(val_set, d.bad_images), val_sampler, val_sampler.batch_size,
+                                  d.workers, pin_memory=pin, worker_seed=cfg.run.seed)
     return Data(train_loader, sampler, val_loader, train_set.num_classes, len(train_set), num_val)

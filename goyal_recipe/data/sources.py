@@ -3,7 +3,8 @@
 Every source yields ``(transform(rgb_pil_image), label)``, exposes ``classes``, ``num_classes``
 and ``targets``, and maps labels by sorted synset (the ImageNet and HF ``imagenet-1k`` order), so
 one image gets one label whichever copy it is read from. Sources open files lazily, so they can be
-pickled into DataLoader worker processes.
+pickled into DataLoader worker processes. An image that cannot be decoded raises `BadImageError`
+naming it; `load_sample` applies the recipe's policy (fail, or skip to a deterministic substitute).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import bisect
 import contextlib
 import io
 import json
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -20,13 +22,50 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 KINDS = ("imagefolder", "parquet", "hf")
 _HF_SPLITS = {"train": "train", "val": "validation", "validation": "validation"}
 _FOLDER_SPLITS = {"train": ("train",), "val": ("val", "validation"), "validation": ("val", "validation")}
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+log = logging.getLogger(__name__)
+
+# What PIL raises for data it cannot decode: unknown format or truncated stream (OSError), broken
+# headers (SyntaxError, ValueError, EOFError), and an image over PIL's pixel limit
+# (DecompressionBombError, raised from the header before any pixel is decoded; the limit is kept).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded; ``str()`` is one line naming the file, the reason and the fix.
+
+    ``path`` and ``reason`` are set where it is raised. A DataLoader re-raises a worker's exception
+    as ``type(e)(caught text + worker traceback)``; the constructor keeps only the original line,
+    so the error that reaches the main process is still the one line with the path.
+    """
+
+    def __init__(self, message: str, path: str | None = None, reason: str | None = None):
+        if path is None and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split("BadImageError: ", 1)[-1]
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+    @classmethod
+    def at(cls, path: str, reason: str) -> "BadImageError":
+        return cls(f"cannot decode image {path}: {reason}; remove or replace the file (`goyal-data validate ROOT` "
+                   "lists every bad one) or set data.bad_images=skip to train on a substitute", path, reason)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, UnidentifiedImageError):  # its text holds a file object repr, not the cause
+        return "not an image PIL can identify (corrupt, or an unsupported format)"
+    if isinstance(err, Image.DecompressionBombError):  # "Image size (N pixels) exceeds limit of M pixels, could be ..."
+        return f"decompression bomb refused: {str(err).split(',')[0].lower()}"
+    first = (str(err).splitlines() or [""])[0].rstrip(".")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -35,14 +74,61 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def rgb_loader(path: str) -> Image.Image:
-    """Folder loader: decode with PIL, always RGB."""
-    with open(path, "rb") as f:
-        return to_rgb(Image.open(f))
+    """Folder loader: decode with PIL, always RGB; `BadImageError` naming the path if it cannot."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadImageError.at(path, f"unreadable ({e.strerror})") from None
+    return decode_rgb(data, path)
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (any PIL format) to an RGB image."""
-    return to_rgb(Image.open(io.BytesIO(data)))
+def decode_rgb(data: bytes, name: str = "<image bytes>") -> Image.Image:
+    """Decode encoded image bytes (any PIL format) to an RGB image; `BadImageError` naming `name` if it cannot."""
+    if not data:
+        raise BadImageError.at(name, "empty file (0 bytes)")
+    try:
+        return to_rgb(Image.open(io.BytesIO(data)))
+    except _DECODE_ERRORS as e:
+        raise BadImageError.at(name, _reason(e)) from None
+
+
+_reported: set[str] = set()  # per process: warn once per bad image, not once per epoch
+_MAX_BAD_RUN = 100
+
+
+def load_sample(dataset, index: int, bad_images: str = "fail") -> tuple:
+    """``dataset[index]`` as ``(image, label, bad)`` under the bad-image policy.
+
+    fail: the `BadImageError` propagates. skip: the next index (cyclically) whose image decodes
+    stands in, with its own label, and ``bad`` is 1. The substitute is a function of the index
+    alone, so resume, loader workers and world size do not change what is seen, and the sampler's
+    sample count and rank split stay as they are.
+    """
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+    try:
+        image, label = dataset[index]
+        return image, label, 0
+    except BadImageError as err:
+        if bad_images == "fail":
+            raise
+        first = err
+    n = len(dataset)
+    for step in range(1, min(n, _MAX_BAD_RUN)):
+        other = (index + step) % n
+        try:
+            image, label = dataset[other]
+        except BadImageError:
+            continue
+        if str(first) not in _reported:
+            _reported.add(str(first))
+            log.warning("skipping bad image %s (%s): sample %d replaced by sample %d",
+                        first.path, first.reason, index, other)
+        return image, label, 1
+    # A long run of failures is broken data, not a few bad files: stop instead of decoding it all per sample.
+    raise BadImageError(f"{min(n, _MAX_BAD_RUN)} images in a row from {first.path} cannot be decoded ({first.reason}); "
+                        "check data.root and run `goyal-data validate ROOT`", first.path, first.reason)
 
 
 def _folder_error(problem: str, root) -> FileNotFoundError:
@@ -222,23 +308,42 @@ class ParquetSource(Dataset):
             if fi not in self._handles:
                 self._handles[fi] = pq.ParquetFile(path)
             column = self._handles[fi].read_row_group(g, columns=[self.image_column]).column(0)
-        column = column.combine_chunks()
-        if pa.types.is_struct(column.type):
-            column = column.field("bytes")
+        column = column.combine_chunks()  # a struct {bytes, path} column stays whole: path names a bad row
         self._cache[group] = column
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return column
 
-    def image_bytes(self, index: int) -> bytes:
-        """The encoded image of row `index`, as stored."""
+    def _cell(self, index: int, field: str):
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} rows")
         group = bisect.bisect_right(self._starts, index) - 1
-        return self._column(group)[index - self._starts[group]].as_py()
+        column = self._column(group)
+        if pa.types.is_struct(column.type):
+            if column.type.get_field_index(field) < 0:
+                return None
+            column = column.field(field)
+        elif field != "bytes":
+            return None
+        return column[index - self._starts[group]].as_py()
+
+    def image_bytes(self, index: int) -> bytes:
+        """The encoded image of row `index`, as stored."""
+        return self._cell(index, "bytes")
+
+    def location(self, index: int) -> str:
+        """`<shard>#<row in shard>` and the stored file name, to find a bad row."""
+        group = bisect.bisect_right(self._starts, index) - 1
+        fi = self._groups[group][0]
+        first = next(self._starts[k] for k, (f, _) in enumerate(self._groups) if f == fi)
+        name = self._cell(index, "path")
+        return f"{self.files[fi]}#{index - first}" + (f" ({name})" if name else "")
 
     def __getitem__(self, index: int):
-        image = decode_rgb(self.image_bytes(index))
+        try:
+            image = decode_rgb(self.image_bytes(index))
+        except BadImageError as e:  # the row is named only on failure: it scans the row groups
+            raise BadImageError.at(self.location(index), e.reason) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
@@ -369,14 +474,12 @@ class HFSource(Dataset):
 
     def __getitem__(self, index: int):
         cell = self.dataset[int(index)][self.image_column]
-        if isinstance(cell, dict):
-            data = cell.get("bytes")
-            if data is None:
-                with open(cell["path"], "rb") as f:
-                    data = f.read()
+        data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
+        if data is None and path:
+            image = rgb_loader(path)
         else:
-            data = cell
-        image = decode_rgb(data)
+            name = f"{getattr(self.dataset.info, 'dataset_name', None) or 'dataset'} row {int(index)}"
+            image = decode_rgb(data, name + (f" ({path})" if path else ""))
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..config import ConfigError
+
 
 def make_engine(cfg):
     """The engine named by `cfg.engine`, imported only when chosen."""
@@ -9,4 +11,8 @@ def make_engine(cfg):
         from .accelerate import AccelerateEngine
 
         return AccelerateEngine(cfg)
-    raise NotImplementedError(f"engine={cfg.engine} is not available yet; use engine=accelerate")
+    try:
+        from .deepspeed import DeepSpeedEngine
+    except ImportError as e:
+        raise ConfigError(f"engine=deepspeed needs DeepSpeed ({e}); pip install 'goyal_recipe[deepspeed]'") from None
+    return DeepSpeedEngine(cfg)

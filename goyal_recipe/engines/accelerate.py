@@ -11,9 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import model_state
+from ..config import ConfigError
 
 
 class AccelerateEngine:
@@ -21,6 +27,8 @@ class AccelerateEngine:
     grad_reduction = "mean"  # DDP averages gradients over ranks
 
     def __init__(self, cfg):
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+            raise ConfigError("launched with accelerate's DeepSpeed plugin but engine=accelerate; add engine=deepspeed")
         # Per-worker BN (the paper): buffers are not broadcast from rank 0 at each forward; they
         # are averaged by `average_buffers` before evaluation and checkpoints instead.
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
@@ -31,6 +39,7 @@ class AccelerateEngine:
             step_scheduler_with_optimizer=False,
         )
         self.precision = cfg.model.precision
+        self.grad_clip_norm = cfg.optim.grad_clip_norm
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.accelerator.num_processes:
             # accelerate falls back to independent single-process runs when a CPU launch lacks
@@ -74,9 +83,21 @@ class AccelerateEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def step(self, optimizer) -> None:
+    def step(self, model, optimizer) -> None:
+        if self.grad_clip_norm:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def save_state(self, directory: Path, model, optimizer) -> None:
+        """Model as safetensors and optimizer state, from the main process (ranks hold equal copies)."""
+        if self.is_main:
+            save_file(model_state(self, model), directory / "model.safetensors")
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_state(self, directory: Path, model, optimizer) -> None:
+        self.unwrap(model).load_state_dict(load_file(directory / "model.safetensors", device="cpu"))
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")

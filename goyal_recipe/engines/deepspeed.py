@@ -1,0 +1,190 @@
+"""DeepSpeed as the engine, under the `deepspeed` launcher or accelerate's DeepSpeed plugin.
+
+The run is the one accelerate gives: the same batch chain, data order, loss normalisation, LR per
+update and checkpoints. What DeepSpeed could also do, the recipe does instead:
+- LR: `GoyalLR` on the client optimizer. No scheduler is given to `deepspeed.initialize`: its
+  engine would step it with a batch size as argument (retrying on TypeError), and DeepSpeed's
+  WarmupLR warms up on a log curve by default, not the paper's linear ramp.
+- Precision: `torch.autocast(bf16)` over fp32 weights, as under accelerate. DeepSpeed's bf16 mode
+  casts the whole model, BN included, to bf16.
+- Data: the trainer's `EpochShuffleSampler` loaders; DeepSpeed's loader never calls `set_epoch`.
+- Loss: `global_batch_loss` already divides by kn, so `backward(scale_wrt_gas=False)` keeps
+  DeepSpeed from dividing by the accumulation steps again; its allreduce averages over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from ..config import ConfigError, RecipeConfig, plan_batches
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_RECIPE_OWNED = {"optimizer": "optim.*", "scheduler": "optim.* (GoyalLR)", "fp16": "model.precision",
+                 "bf16": "model.precision", "amp": "model.precision"}
+_TAG = "deepspeed"
+
+
+def ds_config(cfg: RecipeConfig, world_size: int) -> dict:
+    """The ds_config of a recipe: the batch chain as DeepSpeed asserts it, ZeRO stage, no clipping.
+
+    A user file (`deepspeed.config_file`) adds fields; one that contradicts the recipe is an error.
+    """
+    plan = plan_batches(cfg, world_size)
+    config = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.per_device_batch_size,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        # torch.optim.SGD is not on ZeRO's list of tested optimizers. ZeRO-1 only shards its state
+        # (one momentum buffer) and calls its step() on each shard, which is exact for SGD.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if not cfg.deepspeed.config_file:
+        return config
+    path = Path(cfg.deepspeed.config_file)
+    try:
+        user = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"deepspeed.config_file={path} cannot be read as JSON ({e}); fix or remove it") from None
+    for key in _BATCH_KEYS:
+        if key in user and user[key] != "auto" and user[key] != config[key]:
+            raise ConfigError(f"deepspeed.config_file sets {key}={user[key]} but the recipe gives {config[key]}; "
+                              "remove it from the file and set batch.global_batch_size / batch.per_device_batch_size")
+    for key, owner in _RECIPE_OWNED.items():
+        if key in user and (not isinstance(user[key], dict) or user[key].get("enabled", True)):
+            raise ConfigError(f"deepspeed.config_file sets {key!r}, which the recipe owns; remove it and set {owner}")
+    stage = user.get("zero_optimization", {}).get("stage", config["zero_optimization"]["stage"])
+    if stage != cfg.deepspeed.zero_stage:
+        raise ConfigError(f"deepspeed.config_file sets zero_optimization.stage={stage} but the recipe has "
+                          f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; set it in one place")
+    merged = {**config, **{k: v for k, v in user.items() if k not in _BATCH_KEYS}}
+    merged["zero_optimization"] = {**user.get("zero_optimization", {}), **config["zero_optimization"]}
+    return merged
+
+
+def _single_process_env() -> None:
+    """Let a run without a launcher form a group of one, as `python -m goyal_recipe.cli` does under accelerate."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+    grad_reduction = "mean"  # DeepSpeed averages gradients over the data-parallel ranks
+
+    def __init__(self, cfg: RecipeConfig):
+        plugin_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # set by accelerate's DeepSpeed plugin
+        if plugin_stage is not None and int(plugin_stage) != cfg.deepspeed.zero_stage:
+            raise ConfigError(f"the accelerate config says zero_stage={plugin_stage} but the recipe has "
+                              f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them agree")
+        _single_process_env()
+        deepspeed.init_distributed()
+        self.cfg = cfg
+        accelerator = get_accelerator()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(accelerator.device_name(local_rank))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.precision = cfg.model.precision
+        self._writer = None
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def prepare(self, model, optimizer):
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
+                                                          config=ds_config(self.cfg, self.world_size))
+        self._engine = engine
+        return engine, ds_optimizer
+
+    def unwrap(self, model):
+        return getattr(model, "module", model)
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_batch(self, model, last: bool):
+        # DeepSpeed all-reduces at its accumulation boundary by itself.
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        engine = self._engine
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()  # counts the micro-batch; at the accumulation boundary: clip, update, zero
+
+    def step(self, model, optimizer) -> None:
+        """The update already happened in the last micro-batch's `engine.step()`."""
+
+    def save_state(self, directory: Path, model, optimizer) -> None:
+        model.save_checkpoint(str(directory), tag=_TAG, save_latest=False)  # collective: every rank writes its part
+
+    def load_state(self, directory: Path, model, optimizer) -> None:
+        # DeepSpeed's own format is pickled: resume only from checkpoint directories you trust.
+        path, _ = model.load_checkpoint(str(directory), tag=_TAG, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint; was it written by engine=accelerate?")
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def average_buffers(self, model) -> None:
+        if self.world_size == 1:
+            return
+        for buffer in self.unwrap(model).buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer.div_(self.world_size)
+
+    def init_trackers(self, name: str, config: dict) -> None:
+        if self.is_main and "tensorboard" in self.cfg.run.trackers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.cfg.run_dir / "tracking" / name))
+
+    def log(self, values: dict, step: int) -> None:
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+
+    def end(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.barrier()

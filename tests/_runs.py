@@ -1,0 +1,87 @@
+"""Running goyal-train in real processes for the end-to-end tests, and reading what a run wrote."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+RECIPE = REPO / "recipes" / "quickstart.yaml"
+# 4 classes x 16 train images = 64; kn = 16 -> 4 updates per epoch; 4 x 5 = 20 validation images.
+TINY = dict(num_classes=4, train_per_class=16, val_per_class=5, image_size=(32, 24), seed=0)
+UPDATES_PER_EPOCH = 4
+EPOCHS = 3
+# Gradual warmup 0.05 -> 0.2 over the 4 updates of epoch 0, peak in epoch 1, x0.1 from epoch 2.
+EXPECTED_LR = [0.05, 0.0875, 0.125, 0.1625, 0.2, 0.2, 0.2, 0.2, 0.02, 0.02, 0.02, 0.02]
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def overrides(data_root, run_dir, name, **extra):
+    base = {
+        "run.name": name, "run.output_dir": str(run_dir), "run.log_every_updates": 1, "run.log_samples": "true",
+        "run.plots": "false", "data.root": str(data_root), "data.generate": "null", "data.image_size": 32,
+        "data.workers": 0, "model.name": "resnet10t", "model.bn_group_size": 4,
+        "batch.global_batch_size": 16, "batch.per_device_batch_size": 8,
+        "optim.base_lr": 0.05, "optim.base_batch_size": 4,  # peak 0.05 x 16/4 = 0.2
+        "optim.epochs": EPOCHS, "optim.warmup_epochs": 1, "optim.milestones": "[2]",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train(args, launcher="python", expect_ok=True, cpu=True):
+    """launcher: python (1 process), accelerate (2 processes), deepspeed (2 processes), accelerate-deepspeed."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if cpu:
+        env.update(ACCELERATE_USE_CPU="1", DS_ACCELERATOR="cpu")
+    module = ["-m", "goyal_recipe.cli", "train", str(RECIPE), *args]
+    config = {"accelerate": "cpu_2proc.yaml", "accelerate-deepspeed": "deepspeed_zero1.yaml"}
+    if launcher == "python":
+        env.pop("ACCELERATE_USE_CPU")  # a plain process: no launcher variables
+        cmd = [sys.executable, *module]
+    elif launcher in config:
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / config[launcher]),
+               *module]
+    elif launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", *module[1:]]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records(run_dir, kind):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def step_losses(run_dir):
+    return {r["update"]: r["loss"] for r in records(run_dir, "step")}
+
+
+def samples_by_epoch(run_dir, ranks):
+    by_epoch = {}
+    for rank in ranks:
+        for line in (Path(run_dir) / f"samples_rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            by_epoch.setdefault(rec["epoch"], []).extend(rec["indices"])
+    return by_epoch
+
+
+def parameters(run_dir):
+    """The final parameter tensors of a run (BN running statistics left out)."""
+    state = load_file(Path(run_dir) / "model.safetensors")
+    return {k: v for k, v in state.items() if not k.endswith(BUFFERS)}

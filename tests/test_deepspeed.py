@@ -1,0 +1,100 @@
+"""engine=deepspeed: the same run as accelerate under the deepspeed launcher and accelerate's DeepSpeed plugin."""
+
+import json
+
+import pytest
+import torch
+
+from _runs import EPOCHS, EXPECTED_LR, overrides, parameters, records, samples_by_epoch, step_losses, train
+from goyal_recipe.config import ConfigError, load_config
+
+pytest.importorskip("deepspeed")
+from goyal_recipe.engines.deepspeed import ds_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ds_runs(data_root, tmp_path_factory):
+    """accelerate, 1 process x 2 accumulation micro-batches (the reference); DeepSpeed ZeRO-0 as 2
+    processes under the deepspeed launcher; DeepSpeed ZeRO-1 as 1 process x 2 micro-batches."""
+    out = tmp_path_factory.mktemp("ds_runs")
+    train(overrides(data_root, out, "accelerate"))
+    train(overrides(data_root, out, "zero0", engine="deepspeed"), launcher="deepspeed")
+    train(overrides(data_root, out, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1}))
+    return out
+
+
+def test_deepspeed_launcher_lr_coverage_and_validation(ds_runs):
+    run_dir = ds_runs / "zero0"
+    assert records(run_dir, "run")[0]["world_size"] == 2
+    assert [r["lr"] for r in records(run_dir, "step")] == pytest.approx(EXPECTED_LR, rel=1e-12)
+    by_epoch = samples_by_epoch(run_dir, ranks=(0, 1))
+    assert sorted(by_epoch) == list(range(EPOCHS))
+    for seen in by_epoch.values():
+        assert sorted(seen) == list(range(64))  # each sample once per epoch across both ranks
+    assert [r["val_images"] for r in records(run_dir, "epoch")] == [20] * EPOCHS
+
+
+@pytest.mark.parametrize("run", ["zero0", "zero1"])
+def test_parity_with_accelerate(ds_runs, run):
+    reference, other = parameters(ds_runs / "accelerate"), parameters(ds_runs / run)
+    assert reference.keys() == other.keys()
+    for key in reference:
+        torch.testing.assert_close(other[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert step_losses(ds_runs / run) == pytest.approx(step_losses(ds_runs / "accelerate"), rel=1e-4)
+
+
+def test_resume_under_deepspeed_equals_uninterrupted(ds_runs, data_root, tmp_path):
+    same = {"engine": "deepspeed", "deepspeed.zero_stage": 1, "run.resume": "auto"}
+    train(overrides(data_root, tmp_path, "zero1", **same, **{"run.max_updates": 6}))
+    checkpoint = tmp_path / "zero1" / "checkpoints" / "update_000000006"
+    assert (checkpoint / "COMPLETE").is_file() and (checkpoint / "deepspeed").is_dir()
+    proc = train(overrides(data_root, tmp_path, "zero1", **same))
+    assert "at update 6" in proc.stdout
+    assert step_losses(tmp_path / "zero1") == pytest.approx(step_losses(ds_runs / "zero1"), rel=1e-6)
+    resumed, reference = parameters(tmp_path / "zero1"), parameters(ds_runs / "zero1")
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_accelerate_deepspeed_plugin_trains_and_checks_the_zero_stage(data_root, tmp_path):
+    args = overrides(data_root, tmp_path, "plugin", **{"engine": "deepspeed", "deepspeed.zero_stage": 1,
+                                                       "run.max_updates": 1})
+    train(args, launcher="accelerate-deepspeed")
+    assert [r["lr"] for r in records(tmp_path / "plugin", "step")] == pytest.approx(EXPECTED_LR[:1])
+    wrong = train(args[:-1] + ["deepspeed.zero_stage=0"], launcher="accelerate-deepspeed", expect_ok=False)
+    assert wrong.returncode != 0 and "zero_stage=1 but the recipe has deepspeed.zero_stage=0" in wrong.stderr
+    plain = train(args[:-1] + ["engine=accelerate"], launcher="accelerate-deepspeed", expect_ok=False)
+    assert plain.returncode != 0 and "add engine=deepspeed" in plain.stderr
+
+
+def test_ds_config_follows_the_recipe(tmp_path):
+    cfg = load_config("recipes/resnet50_kn8k.yaml", ["engine=deepspeed", "deepspeed.zero_stage=1"])
+    config = ds_config(cfg, world_size=8)
+    assert {k: config[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                   "gradient_accumulation_steps", "gradient_clipping")} == {
+        "train_batch_size": 8192, "train_micro_batch_size_per_gpu": 256, "gradient_accumulation_steps": 4,
+        "gradient_clipping": 0.0}
+    assert config["zero_optimization"] == {"stage": 1} and config["zero_allow_untested_optimizer"] is True
+    assert "optimizer" not in config and "scheduler" not in config and "bf16" not in config
+    assert ds_config(cfg, world_size=32)["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize("user,error", [
+    ({"communication_data_type": "fp32", "train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": 5e7}},
+     None),
+    ({"train_batch_size": 4096}, "sets train_batch_size=4096 but the recipe gives 8192"),
+    ({"optimizer": {"type": "Adam"}}, "sets 'optimizer', which the recipe owns"),
+    ({"bf16": {"enabled": True}}, "sets 'bf16', which the recipe owns; remove it and set model.precision"),
+    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2 but the recipe has deepspeed.zero_stage=0"),
+])
+def test_user_ds_config_file(tmp_path, user, error):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    cfg = load_config("recipes/resnet50_kn8k.yaml", ["engine=deepspeed", f"deepspeed.config_file={path}"])
+    if error is None:
+        config = ds_config(cfg, world_size=8)
+        assert config["communication_data_type"] == "fp32" and config["train_batch_size"] == 8192
+        assert config["zero_optimization"] == {"reduce_bucket_size": 5e7, "stage": 0}
+    else:
+        with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
+            ds_config(cfg, world_size=8)
