@@ -11,12 +11,15 @@ renamed once complete, with a `COMPLETE` marker, so an interrupted save is never
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
 
 import torch
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +96,12 @@ def load_checkpoint(engine, path: Path, model, optimizer) -> dict:
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker); pick another or resume=none")
-    engine.load_state(path, model, optimizer)
-    rng = path / f"rng_rank{engine.rank}.pt"
-    if rng.is_file():  # absent when resuming on more ranks than saved
-        _set_rng_state(torch.load(rng, weights_only=True))
-    return torch.load(path / "trainer.pt", weights_only=True)
+    try:
+        engine.load_state(path, model, optimizer)
+        rng = path / f"rng_rank{engine.rank}.pt"
+        if rng.is_file():  # absent when resuming on more ranks than saved
+            _set_rng_state(torch.load(rng, weights_only=True))
+        return torch.load(path / "trainer.pt", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: loading it could run code
+        raise ConfigError(f"{path} holds pickled objects that loading would execute ({str(e).splitlines()[0][:120]}); "
+                          "refused: resume only from checkpoints this project wrote") from None

@@ -34,7 +34,7 @@ def train_main(argv: list[str] | None = None) -> int:
         from .trainer import train
 
         train(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, FloatingPointError) as e:
         return _fail("goyal-train", str(e))
     except BadImageError as e:  # found by the rank that loaded it
         return _fail("goyal-train", str(e), every_rank=True)

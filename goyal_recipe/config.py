@@ -47,6 +47,12 @@ class RunConfig(_Section):
     plots: bool = True
     log_samples: bool = False
     """Write the sample indices of every update per rank to samples_rank<r>.jsonl (debugging, tests)."""
+    max_consecutive_nonfinite: int = Field(3, ge=0)
+    """Updates with a non-finite loss or gradient are skipped (all ranks agree); more in a row stops the run."""
+    collective_timeout_s: int = Field(1800, ge=1)
+    """A rank waiting longer than this in a collective (e.g. for a dead peer) fails instead of hanging."""
+    inject_nonfinite_updates: list[int] = []
+    """Fault injection for tests: the loss of these updates (1-based) is made NaN on the last rank."""
 
 
 class GenerateConfig(_Section):

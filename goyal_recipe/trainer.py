@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -79,7 +78,8 @@ class Trainer:
             self.model = compile_model(self.model)
         self.scheduler = GoyalLR(self.optimizer, cfg.schedule(), self.updates_per_epoch)
         self.total_updates = o.epochs * self.updates_per_epoch
-        self.update = 0
+        self.update = 0  # loop iterations: data position; GoyalLR counts the updates really applied
+        self.skipped_updates = self.consecutive_skips = 0
         self._resume()
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=engine.is_main)
         self.samples = JsonlWriter(self.run_dir / f"samples_rank{engine.rank}.jsonl", enabled=cfg.run.log_samples)
@@ -143,8 +143,10 @@ class Trainer:
         last_update = min((epoch + 1) * U, stop_at)
         bar = tqdm(total=U, initial=first - epoch * U, desc=f"epoch {epoch + 1}", unit="update", leave=False,
                    disable=not (engine.is_main and sys.stderr.isatty()))
+        inject = set(cfg.run.inject_nonfinite_updates) if engine.rank == engine.world_size - 1 else set()
         while self.update < last_update:
             indices = []
+            stats = torch.zeros(4, dtype=torch.float64, device=device)
             for micro in range(A):
                 images, labels, index, bad = next(batches)
                 images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -154,20 +156,29 @@ class Trainer:
                         logits = self.model(images)
                     per_sample = F.cross_entropy(logits.float(), labels, reduction="none",
                                                  label_smoothing=cfg.optim.label_smoothing)
+                    if self.update + 1 in inject:
+                        per_sample = per_sample * float("nan")
                     engine.backward(global_batch_loss(per_sample, kn, engine.world_size, engine.grad_reduction))
-                window += torch.stack([per_sample.detach().sum().double(),
-                                       topk_correct(logits.detach(), labels, ks=(1,))[0].double(),
-                                       torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-                                       bad.to(device).sum().double()])
+                stats += torch.stack([per_sample.detach().sum().double(),
+                                      topk_correct(logits.detach(), labels, ks=(1,))[0].double(),
+                                      torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+                                      bad.to(device).sum().double()])
                 indices += index.tolist()
-            engine.step(self.model, self.optimizer)
-            lr = self.scheduler.optimizer.param_groups[0]["lr"]  # set by GoyalLR for this update
-            self.scheduler.step()
+            lr = self.scheduler.lr_at(self.scheduler.updates_done)
+            if self._all_finite(stats[0]):
+                engine.step(self.model, self.optimizer)
+                self.scheduler.step()
+                window += stats
+                self.consecutive_skips = 0
+            else:
+                engine.skip(self.model, self.optimizer)
+                self._skipped(epoch)
             self.update += 1
             self.meter.step_done(kn)
             bar.update()
             self.samples.write({"epoch": epoch, "update": self.update, "indices": indices})
-            if self.update % cfg.run.log_every_updates == 0 or self.update == last_update:
+            due = self.update % cfg.run.log_every_updates == 0 or self.update == last_update
+            if due and window[2] > 0:  # nothing to log when every update of the window was skipped
                 totals += window
                 self._log_step(epoch, engine.all_reduce_sum(window), lr)
                 window.zero_()
@@ -177,13 +188,33 @@ class Trainer:
         bar.close()
         totals = engine.all_reduce_sum(totals)
         return {"train_loss": float(totals[0] / totals[2]), "train_top1_error": float(100 * (1 - totals[1] / totals[2])),
-                "train_bad_images": int(totals[3]), "epoch_s": time.perf_counter() - epoch_start}
+                "train_bad_images": int(totals[3]), "skipped_updates": self.skipped_updates,
+                "epoch_s": time.perf_counter() - epoch_start}
+
+    def _all_finite(self, loss_sum: torch.Tensor) -> bool:
+        """Whether every rank has a finite loss and finite gradients: one collective, so all ranks agree."""
+        local = torch.isfinite(loss_sum) & self.engine.grads_finite(self.model).to(loss_sum.device)
+        return bool(self.engine.all_reduce_sum((~local).double().reshape(1)) == 0)
+
+    def _skipped(self, epoch: int) -> None:
+        """Count a dropped update; stop after more than run.max_consecutive_nonfinite in a row."""
+        self.skipped_updates += 1
+        self.consecutive_skips += 1
+        first = self.update + 2 - self.consecutive_skips
+        self.metrics.write({"kind": "skip", "update": self.update + 1, "epoch": epoch + 1,
+                            "reason": "non-finite loss or gradient", "time": time.time()})
+        self._print(f"update {self.update + 1}: non-finite loss or gradient on some rank; update skipped "
+                    f"({self.consecutive_skips} in a row)")
+        if self.consecutive_skips > self.cfg.run.max_consecutive_nonfinite:
+            self.update += 1
+            self._checkpoint()
+            raise FloatingPointError(
+                f"{self.consecutive_skips} updates in a row had a non-finite loss or gradient (from update {first}); "
+                f"the weights of update {first - 1} are saved in checkpoint update_{self.update:09d}. "
+                "Lower optim.base_lr, check the data, or raise run.max_consecutive_nonfinite")
 
     def _log_step(self, epoch: int, window: torch.Tensor, lr: float) -> None:
-        loss = float(window[0] / window[2])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at update {self.update}; lower optim.base_lr "
-                                     "or check the data (the last complete checkpoint is intact)")
+        loss = float(window[0] / window[2]) if window[2] else float("nan")
         U, meter = self.updates_per_epoch, self.meter
         record = {"kind": "step", "update": self.update, "epoch": self.update / U, "loss": loss, "lr": lr,
                   "bad_images": int(window[3]),

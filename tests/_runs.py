@@ -73,10 +73,15 @@ def step_losses(run_dir):
 
 
 def samples_by_epoch(run_dir, ranks):
+    """Indices used per epoch over all ranks. An update redone after a resume was logged twice:
+    its last record is the one that counts."""
     by_epoch = {}
     for rank in ranks:
+        last = {}
         for line in (Path(run_dir) / f"samples_rank{rank}.jsonl").read_text().splitlines():
             rec = json.loads(line)
+            last[rec["update"]] = rec
+        for rec in last.values():
             by_epoch.setdefault(rec["epoch"], []).extend(rec["indices"])
     return by_epoch
 

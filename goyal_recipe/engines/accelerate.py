@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import model_state
@@ -35,7 +36,7 @@ class AccelerateEngine:
         self.accelerator = Accelerator(
             log_with=list(cfg.run.trackers) or None,
             project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tracking")),
-            kwargs_handlers=[ddp],
+            kwargs_handlers=[ddp, InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout_s))],
             step_scheduler_with_optimizer=False,
         )
         self.precision = cfg.model.precision
@@ -83,6 +84,15 @@ class AccelerateEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
+    def grads_finite(self, model) -> torch.Tensor:
+        """This rank's verdict: are all gradients finite (before the update)?"""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+
+    def skip(self, model, optimizer) -> None:
+        """Drop the update: weights and optimizer state stay as they are."""
+        optimizer.zero_grad(set_to_none=True)
+
     def step(self, model, optimizer) -> None:
         if self.grad_clip_norm:
             self.accelerator.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
@@ -97,7 +107,8 @@ class AccelerateEngine:
 
     def load_state(self, directory: Path, model, optimizer) -> None:
         self.unwrap(model).load_state_dict(load_file(directory / "model.safetensors", device="cpu"))
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        # Loaded on the CPU: Optimizer.load_state_dict moves each state to its parameter's device.
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -94,7 +95,7 @@ class DeepSpeedEngine:
             raise ConfigError(f"the accelerate config says zero_stage={plugin_stage} but the recipe has "
                               f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them agree")
         _single_process_env()
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.run.collective_timeout_s))
         self.cfg = cfg
         accelerator = get_accelerator()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -137,10 +138,21 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         engine = self._engine
         engine.backward(loss, scale_wrt_gas=False)
-        engine.step()  # counts the micro-batch; at the accumulation boundary: clip, update, zero
+        if not engine.is_gradient_accumulation_boundary():
+            engine.step()  # only counts the micro-batch; the update is `step` below
+
+    def grads_finite(self, model) -> torch.Tensor:
+        # ZeRO-1 moves reduced gradients out of .grad; the loss check of the trainer still applies.
+        grads = [p.grad for p in model.module.parameters() if p.grad is not None]
+        return torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+
+    def skip(self, model, optimizer) -> None:
+        raise FloatingPointError("non-finite loss or gradient under engine=deepspeed, which cannot drop an update "
+                                 "(its fp32 path has no skip); resume=auto continues from the last checkpoint, "
+                                 "or lower optim.base_lr")
 
     def step(self, model, optimizer) -> None:
-        """The update already happened in the last micro-batch's `engine.step()`."""
+        self._engine.step()  # the accumulation boundary: clip, update, zero
 
     def save_state(self, directory: Path, model, optimizer) -> None:
         model.save_checkpoint(str(directory), tag=_TAG, save_latest=False)  # collective: every rank writes its part
