@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Last BN of a residual block, by block class: timm's and torchvision's ResNets share these names.

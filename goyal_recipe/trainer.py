@@ -16,12 +16,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint, model_state, save_ch
 from .config import BatchPlan, ConfigError, RecipeConfig, dump_config, plan_batches
 from .data.pipeline import build_data
 from .engines import make_engine
-from .loss import global_batch_loss
-from .lr import GoyalLR
-from .metrics import EvalCounter, JsonlWriter, ThroughputMeter, format_epoch_line, format_step_line, topk_correct
-from .model import build_model, compile_model
-from .optim import build_optimizer
+from .metrics import EvalCounter, JsonlWriter, ThroughputMeter, format_epoch_line, format_step_line
 from .schedule import format_table
+from .step import TrainStep, build_training
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +63,12 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.data = build_data(cfg, plan, engine)
         self.updates_per_epoch = self.data.num_train // plan.global_batch_size
-        model = build_model(cfg.model, cfg.model.num_classes or self.data.num_classes, plan, engine.world_size)
+        self.model, self.optimizer, self.scheduler = build_training(
+            cfg, engine, plan, cfg.model.num_classes or self.data.num_classes, self.updates_per_epoch)
         if engine.is_main:  # only once the recipe has proven buildable: a failed start leaves no run directory
             _preflight(self.run_dir)
-        o = cfg.optim
-        optimizer = build_optimizer(model, o.optimizer, lr=o.base_lr, momentum=o.momentum, nesterov=o.nesterov,
-                                    weight_decay=o.weight_decay, norm_weight_decay=o.norm_weight_decay,
-                                    bias_weight_decay=o.bias_weight_decay, momentum_correction=o.momentum_correction)
-        self.model, self.optimizer = engine.prepare(model, optimizer)
-        if cfg.model.compile:
-            self.model = compile_model(self.model)
-        self.scheduler = GoyalLR(self.optimizer, cfg.schedule(), self.updates_per_epoch)
-        self.total_updates = o.epochs * self.updates_per_epoch
+        self.train_step = TrainStep(cfg, engine, plan, self.model, self.optimizer, self.scheduler)
+        self.total_updates = cfg.optim.epochs * self.updates_per_epoch
         self.update = 0  # loop iterations: data position; GoyalLR counts the updates really applied
         self.skipped_updates = self.consecutive_skips = 0
         self._resume()
@@ -139,39 +130,16 @@ class Trainer:
         window = torch.zeros(4, dtype=torch.float64, device=device)
         totals = torch.zeros(4, dtype=torch.float64, device=device)
         batches = self.meter.timed(self.data.train_loader)
-        memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
         last_update = min((epoch + 1) * U, stop_at)
         bar = tqdm(total=U, initial=first - epoch * U, desc=f"epoch {epoch + 1}", unit="update", leave=False,
                    disable=not (engine.is_main and sys.stderr.isatty()))
         inject = set(cfg.run.inject_nonfinite_updates) if engine.rank == engine.world_size - 1 else set()
         while self.update < last_update:
-            indices = []
-            stats = torch.zeros(4, dtype=torch.float64, device=device)
-            for micro in range(A):
-                images, labels, index, bad = next(batches)
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                labels = labels.to(device, non_blocking=True)
-                with engine.micro_batch(self.model, last=micro == A - 1):
-                    with engine.autocast():
-                        logits = self.model(images)
-                    per_sample = F.cross_entropy(logits.float(), labels, reduction="none",
-                                                 label_smoothing=cfg.optim.label_smoothing)
-                    if self.update + 1 in inject:
-                        per_sample = per_sample * float("nan")
-                    engine.backward(global_batch_loss(per_sample, kn, engine.world_size, engine.grad_reduction))
-                stats += torch.stack([per_sample.detach().sum().double(),
-                                      topk_correct(logits.detach(), labels, ks=(1,))[0].double(),
-                                      torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-                                      bad.to(device).sum().double()])
-                indices += index.tolist()
-            lr = self.scheduler.lr_at(self.scheduler.updates_done)
-            if self._all_finite(stats[0]):
-                engine.step(self.model, self.optimizer)
-                self.scheduler.step()
+            stats, lr, applied, indices = self.train_step(batches, poison=self.update + 1 in inject)
+            if applied:
                 window += stats
                 self.consecutive_skips = 0
             else:
-                engine.skip(self.model, self.optimizer)
                 self._skipped(epoch)
             self.update += 1
             self.meter.step_done(kn)
@@ -190,11 +158,6 @@ class Trainer:
         return {"train_loss": float(totals[0] / totals[2]), "train_top1_error": float(100 * (1 - totals[1] / totals[2])),
                 "train_bad_images": int(totals[3]), "skipped_updates": self.skipped_updates,
                 "epoch_s": time.perf_counter() - epoch_start}
-
-    def _all_finite(self, loss_sum: torch.Tensor) -> bool:
-        """Whether every rank has a finite loss and finite gradients: one collective, so all ranks agree."""
-        local = torch.isfinite(loss_sum) & self.engine.grads_finite(self.model).to(loss_sum.device)
-        return bool(self.engine.all_reduce_sum((~local).double().reshape(1)) == 0)
 
     def _skipped(self, epoch: int) -> None:
         """Count a dropped update; stop after more than run.max_consecutive_nonfinite in a row."""

@@ -16,7 +16,6 @@ from goyal_recipe.data import (
     IMAGENET_MEAN,
     ImageFolderSource,
     Lighting,
-    ParquetSource,
     build_dataset,
     build_loader,
     eval_resize_size,

@@ -25,6 +25,7 @@ EXPECTED = {
     "gpu_1": ("NO", 1, 1),
     "gpu_8": ("MULTI_GPU", 8, 1),
     "multinode_4x8": ("MULTI_GPU", 32, 4),
+    "deepspeed_zero1": ("DEEPSPEED", 2, 1),  # accelerate's DeepSpeed plugin; the recipe runs engine=deepspeed
 }
 
 # Keys the recipe owns. A config that sets them would fight the trainer's derived values.

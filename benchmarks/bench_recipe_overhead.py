@@ -1,0 +1,181 @@
+"""Per-update cost of the recipe's machinery, each piece as the difference of one loop with and without it.
+
+The loop is a plain training update on a synthetic batch (timm model, `build_optimizer` SGD,
+forward / loss / backward / step / zero_grad). Against that baseline (constant LR, BatchNorm2d,
+mean cross-entropy), each variant switches on one piece:
+
+  goyal_lr     `GoyalLR` on the optimizer (pre/post step hooks + `scheduler.step()` per update)
+  ghost_bn     `use_ghost_batchnorm(model, --bn-group-size)` instead of BatchNorm2d over the batch
+  global_loss  `global_batch_loss(F.cross_entropy(reduction="none"), kn)` instead of the mean
+  all          the three together
+
+Variants run interleaved; the overhead of a piece is the paired per-repeat difference to the
+baseline, in ms per update and in % of the baseline update. The sampler piece is the index loop
+the DataLoader runs per update (one `BatchSampler` batch), over one whole epoch of
+--num-samples, divided by its updates: `EpochShuffleSampler` as the trainer iterates it (through
+`EpochTaggedSampler`) against `torch.utils.data.RandomSampler`; the update's compute is the same
+in both and cancels out.
+
+    python benchmarks/bench_recipe_overhead.py --quick --device cpu
+    python benchmarks/bench_recipe_overhead.py --batch-size 128
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, RandomSampler
+
+import common
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+QUICK = dict(model="resnet10t", image_size=32, batch_size=16, bn_group_size=8, num_classes=10, iters=2, warmup=1,
+             repeats=2, num_samples=4096)
+PIECES = ("goyal_lr", "ghost_bn", "global_loss")
+
+
+def parse(argv=None):
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet18", help="timm model name")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="= the global batch kn of the update")
+    p.add_argument("--bn-group-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--iters", type=int, default=10, help="timed updates per repeat and variant")
+    p.add_argument("--num-samples", type=int, default=IMAGENET_TRAIN_IMAGES, help="epoch size for the sampler piece")
+    return common.parse_args(p, QUICK, argv)
+
+
+def mean_loss(logits, labels, kn):
+    return F.cross_entropy(logits, labels)
+
+
+def global_loss(logits, labels, kn):
+    from goyal_recipe.loss import global_batch_loss
+
+    return global_batch_loss(F.cross_entropy(logits, labels, reduction="none"), kn)
+
+
+def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False, global_loss_=False):
+    """One training update on its own copy of the model, with the chosen pieces switched on."""
+    from goyal_recipe import GoyalLR, Schedule, build_optimizer, use_ghost_batchnorm
+
+    model = copy.deepcopy(base_model)
+    if ghost_bn:
+        use_ghost_batchnorm(model, args.bn_group_size)
+    model.to(device).train()
+    optimizer = build_optimizer(model, "sgd", lr=0.1)
+    scheduler = None
+    if goyal_lr:
+        schedule = Schedule(global_batch_size=args.batch_size)
+        scheduler = GoyalLR(optimizer, schedule, IMAGENET_TRAIN_IMAGES // args.batch_size)
+    loss_fn = global_loss if global_loss_ else mean_loss
+    images, labels = batch
+    kn = args.batch_size
+
+    def update():
+        with (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.precision == "bf16"
+              else contextlib.nullcontext()):
+            logits = model(images)
+        loss_fn(logits.float(), labels, kn).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+    return update
+
+
+def epoch_shuffle_batches(args):
+    """One epoch of index batches as the trainer's DataLoader draws them."""
+    from goyal_recipe.data.pipeline import EpochTaggedSampler
+    from goyal_recipe.sampler import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(args.num_samples, seed=0, batch_size=args.batch_size)
+    tagged = EpochTaggedSampler(sampler)
+    batches = BatchSampler(tagged, args.batch_size, drop_last=True)
+    epoch = iter(range(1_000_000))
+
+    def one_epoch():
+        sampler.set_epoch(next(epoch))
+        return sum(1 for _ in batches)
+
+    return one_epoch
+
+
+def random_sampler_batches(args):
+    """One epoch of index batches from DataLoader(shuffle=True)'s sampler."""
+    sampler = RandomSampler(range(args.num_samples), generator=torch.Generator().manual_seed(0))
+    batches = BatchSampler(sampler, args.batch_size, drop_last=True)
+    return lambda: sum(1 for _ in batches)
+
+
+def main(argv=None):
+    import timm
+
+    args = parse(argv)
+    if args.batch_size % args.bn_group_size:
+        raise SystemExit(f"--bn-group-size {args.bn_group_size} must divide --batch-size {args.batch_size}")
+    torch.manual_seed(0)
+    device = args.device
+    base = timm.create_model(args.model, num_classes=args.num_classes)
+    batch = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device),
+             torch.randint(0, args.num_classes, (args.batch_size,), device=device))
+    updates = {
+        "baseline": make_update(args, base, device, batch),
+        "goyal_lr": make_update(args, base, device, batch, goyal_lr=True),
+        "ghost_bn": make_update(args, base, device, batch, ghost_bn=True),
+        "global_loss": make_update(args, base, device, batch, global_loss_=True),
+        "all": make_update(args, base, device, batch, goyal_lr=True, ghost_bn=True, global_loss_=True),
+    }
+    seconds = common.time_interleaved(updates, args.iters, args.warmup, args.repeats, device)
+    samplers = {"epoch_shuffle": epoch_shuffle_batches(args), "random": random_sampler_batches(args)}
+    updates_per_epoch = args.num_samples // args.batch_size
+    sampler_s = {name: [s / updates_per_epoch for s in secs] for name, secs in
+                 common.time_interleaved(samplers, 1, min(args.warmup, 1), args.repeats, "cpu").items()}
+
+    base_s = seconds["baseline"]
+    variants = {"baseline": {"step_ms": common.summary([1e3 * s for s in base_s])}}
+    rows = [["baseline", common.spread(variants["baseline"]["step_ms"], "{:.2f}"), "-", "-"]]
+    derived = {"overhead_ms": {}, "overhead_pct": {}}
+    for name in (*PIECES, "all"):
+        diff = [v - b for v, b in zip(seconds[name], base_s)]
+        v = {"step_ms": common.summary([1e3 * s for s in seconds[name]]),
+             "overhead_ms": common.summary([1e3 * d for d in diff]),
+             "overhead_pct": common.summary([100 * d / b for d, b in zip(diff, base_s)])}
+        variants[name] = v
+        derived["overhead_ms"][name] = v["overhead_ms"]["median"]
+        derived["overhead_pct"][name] = v["overhead_pct"]["median"]
+        rows.append([name, common.spread(v["step_ms"], "{:.2f}"), common.spread(v["overhead_ms"], "{:+.3f}"),
+                     common.spread(v["overhead_pct"], "{:+.2f}")])
+    for name, per_update in sampler_s.items():
+        variants[f"sampler_{name}"] = {"ms_per_update": common.summary([1e3 * s for s in per_update])}
+    diff = [e - r for e, r in zip(sampler_s["epoch_shuffle"], sampler_s["random"])]
+    step_median = variants["baseline"]["step_ms"]["median"] / 1e3
+    sampler = {"overhead_ms": common.summary([1e3 * d for d in diff]),
+               "overhead_pct": common.summary([100 * d / step_median for d in diff])}
+    variants["sampler"] = sampler
+    derived["overhead_ms"]["sampler"] = sampler["overhead_ms"]["median"]
+    derived["overhead_pct"]["sampler"] = sampler["overhead_pct"]["median"]
+    rows.append(["sampler (epoch_shuffle - random)",
+                 f"{variants['sampler_epoch_shuffle']['ms_per_update']['median']:.4f} vs "
+                 f"{variants['sampler_random']['ms_per_update']['median']:.4f}",
+                 common.spread(sampler["overhead_ms"], "{:+.4f}"), common.spread(sampler["overhead_pct"], "{:+.3f}")])
+
+    record = common.make_record(common.script_name(__file__), args, variants, derived,
+                                {"updates_per_epoch_for_sampler": updates_per_epoch})
+    print(common.header(record))
+    common.print_table(
+        f"{args.model} {args.image_size}px batch {args.batch_size} {args.precision}, ghost BN groups of "
+        f"{args.bn_group_size}: median [min, max] of {args.repeats} repeats x {args.iters} updates "
+        f"(sampler: {args.num_samples} samples per epoch)",
+        ["piece", "update ms", "overhead ms/update", "overhead % of update"], rows)
+    common.finish(record, args.results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The benchmark scripts run (--quick, CPU), print their table and append a well-formed JSON record.
+
+These are smoke tests of the scripts, not timed tests: no figure is compared with a target.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+BENCH = REPO / "benchmarks"
+
+# script -> (variants the record must hold, extra flags)
+SCRIPTS = {
+    "bench_step": (("trainer", "reference"), []),
+    "bench_data": (("trainer", "reference"), ["--data-dir", "{tmp}/jpeg"]),
+    "bench_recipe_overhead": (("baseline", "goyal_lr", "ghost_bn", "global_loss", "all", "sampler"), []),
+    "bench_train": (("goyal_train",), ["--data-dir", "{tmp}/jpeg"]),
+}
+SUMMARY_KEYS = {"median", "min", "max", "q1", "q3", "n", "values"}
+
+
+def start_script(name, directory, *extra):
+    """Start `name --quick` on the CPU; returns (process, results path)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    results = directory / f"{name}.jsonl"
+    flags = [f.format(tmp=directory) for f in SCRIPTS[name][1]]
+    cmd = [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--device", "cpu", "--threads", "1",
+           "--results", str(results), *flags, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), results
+
+
+def finish_script(proc):
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    return proc.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """Every script once (--quick, CPU), plus bench_data with --repeats 1 onto an existing results file;
+    run side by side to keep the module short (the figures are not looked at)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    earlier = '{"benchmark": "earlier run"}'
+    (tmp / "append").mkdir()
+    (tmp / "append" / "bench_data.jsonl").write_text(earlier + "\n")
+    started = {name: start_script(name, tmp / name) for name in SCRIPTS}
+    started["append"] = start_script("bench_data", tmp / "append", "--repeats", "1")
+    finished = {key: (finish_script(proc), results) for key, (proc, results) in started.items()}
+    for key, ((code, stdout, stderr), _) in finished.items():
+        assert code == 0, f"{key}: exit {code}\n" + stdout[-3000:] + stderr[-3000:]
+    return {key: (stdout, results) for key, ((_, stdout, _), results) in finished.items()}, earlier
+
+
+def check_summary(metric, stats, repeats):
+    assert SUMMARY_KEYS <= set(stats), (metric, stats)
+    assert stats["n"] == repeats == len(stats["values"])
+    assert stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
+    for value in stats["values"]:
+        assert math.isfinite(value)
+        if metric.startswith("overhead"):  # a difference of two timings: may be negative (noise)
+            continue
+        if metric.startswith("data_wait"):
+            assert value >= 0, (metric, value)
+        else:
+            assert value > 0, (metric, value)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_quick_run_prints_table_and_appends_record(name, quick_runs):
+    out, results = quick_runs[0][name]
+    assert "median [min, max]" in out and "record appended to" in out
+    for variant in SCRIPTS[name][0]:
+        assert variant.split("_")[0] in out
+
+    lines = results.read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["benchmark"] == name
+    assert {"benchmark", "date", "machine", "versions", "settings", "variants", "derived"} <= set(record)
+    assert record["date"].endswith("+00:00")
+    assert {"cpu", "cores", "gpu"} <= set(record["machine"]) and record["machine"]["cores"] > 0
+    assert {"torch", "cuda", "timm"} <= set(record["versions"])
+    settings = record["settings"]
+    assert settings["quick"] is True and settings["device"] == "cpu" and settings["repeats"] == 2
+    assert set(SCRIPTS[name][0]) <= set(record["variants"])
+    for variant in record["variants"].values():
+        for metric, stats in variant.items():
+            if isinstance(stats, dict):
+                check_summary(metric, stats, settings["repeats"])
+
+
+def test_explicit_flag_beats_quick_and_record_is_appended(quick_runs):
+    (_, results), earlier = quick_runs[0]["append"], quick_runs[1]
+    lines = results.read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == earlier
+    record = json.loads(lines[1])
+    assert record["settings"]["repeats"] == 1 and record["variants"]["trainer"]["img_per_s"]["n"] == 1
+
+
+def test_per_update_times_recovered_from_window_means():
+    """bench_train inverts the trainer's sliding-window means back to per-update times."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_train import per_update
+    finally:
+        sys.path.remove(str(BENCH))
+    from goyal_recipe.metrics import ThroughputMeter
+
+    window = 3
+    steps = [0.5, 0.1, 0.3, 0.2, 0.9, 0.4, 0.25, 0.7]
+    waits = [0.05, 0.0, 0.1, 0.02, 0.3, 0.0, 0.01, 0.2]
+    meter, records = ThroughputMeter(window=window), []
+    for s, w in zip(steps, waits):
+        meter.record(10, s, w)
+        records.append({"step_s": meter.mean_step_s, "data_wait_s": meter.mean_data_wait_s})
+    assert per_update(records, "step_s", window) == pytest.approx(steps)
+    assert per_update(records, "data_wait_s", window) == pytest.approx(waits)
+
+
+@pytest.mark.gpu
+def test_step_on_cuda_reports_mfu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    results = tmp_path / "bench_step.jsonl"
+    cmd = [sys.executable, str(BENCH / "bench_step.py"), "--quick", "--device", "cuda", "--precision", "bf16",
+           "--memory-format", "channels_last", "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(results.read_text())
+    assert record["machine"]["gpu"]["name"] and record["derived"]["peak_tflops"] > 0
+    assert all(0 < record["variants"][v]["mfu"] for v in ("trainer", "reference"))
