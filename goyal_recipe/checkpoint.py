@@ -31,7 +31,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first; incomplete ones are skipped with a warning."""
     root = Path(run_dir) / "checkpoints"
     found = []
-    for path in sorted(root.glob("update_*")):
+    for path in root.glob("update_*"):
         if not _NAME.match(path.name):
             continue
         if (path / MARKER).is_file():

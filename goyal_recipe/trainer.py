@@ -86,6 +86,7 @@ class Trainer:
         state = load_checkpoint(self.engine, path, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.update = int(state["update"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
         self._print(f"resumed from {path} at update {self.update}")
 
     def _print(self, text: str) -> None:
@@ -93,7 +94,8 @@ class Trainer:
             tqdm.write(text)  # above the progress bar, if one is shown
 
     def _checkpoint(self) -> None:
-        state = {"update": self.update, "scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg)}
+        state = {"update": self.update, "skipped_updates": self.skipped_updates,
+                 "scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg)}
         save_checkpoint(self.engine, self.run_dir, self.update, self.model, self.optimizer, state,
                         self.cfg.run.keep_checkpoints)
 
@@ -177,7 +179,7 @@ class Trainer:
                 "Lower optim.base_lr, check the data, or raise run.max_consecutive_nonfinite")
 
     def _log_step(self, epoch: int, window: torch.Tensor, lr: float) -> None:
-        loss = float(window[0] / window[2]) if window[2] else float("nan")
+        loss = float(window[0] / window[2])
         U, meter = self.updates_per_epoch, self.meter
         record = {"kind": "step", "update": self.update, "epoch": self.update / U, "loss": loss, "lr": lr,
                   "bad_images": int(window[3]),
@@ -218,7 +220,7 @@ class Trainer:
         record = {"kind": "epoch", "epoch": epoch + 1, "update": self.update, **train_stats,
                   "val_loss": None, "val_top1_error": None, "val_top5_error": None, "val_top1_acc": None,
                   "val_top5_acc": None, "val_images": None, **evaluated,
-                  "lr": self.scheduler.lr_at(self.update - 1), "time": time.time()}
+                  "lr": self.scheduler.lr_at(self.scheduler.updates_done - 1), "time": time.time()}
         self.metrics.write(record)
         engine.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)}, self.update)
         self._print(format_epoch_line(record, cfg.optim.epochs))

@@ -200,7 +200,19 @@ def _label_names(schema: pa.Schema, label_column: str) -> list[str] | None:
     return list(feature["names"]) if feature.get("_type") == "ClassLabel" and "names" in feature else None
 
 
-class ParquetSource(Dataset):
+class _ClassList:
+    """num_classes and class_to_idx from a sorted `classes` list (the ImageFolder convention)."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+
+class ParquetSource(_ClassList, Dataset):
     """Rows of image bytes and int labels in local parquet (or arrow) shards.
 
     Columns: `image` either a struct {bytes, path} (the ``datasets.Image()`` encoding) or raw
@@ -276,14 +288,6 @@ class ParquetSource(Dataset):
             if path.is_file():
                 return [line.strip() for line in path.read_text().splitlines() if line.strip()]
         return None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def class_to_idx(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.classes)}
 
     def __len__(self) -> int:
         return self._len
@@ -421,7 +425,7 @@ def load_hf_dataset(
             ) from err
 
 
-class HFSource(Dataset):
+class HFSource(_ClassList, Dataset):
     """A Hugging Face `datasets.Dataset` with an image column and a ClassLabel/int label column.
 
     Images are read as stored bytes and decoded with PIL to RGB, like the other sources.
@@ -460,14 +464,6 @@ class HFSource(Dataset):
     @classmethod
     def from_name(cls, name_or_path, split, transform=None, allow_download=False, cache_dir=None, **kw) -> "HFSource":
         return cls(load_hf_dataset(name_or_path, split, allow_download, cache_dir), transform, **kw)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def class_to_idx(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.classes)}
 
     def __len__(self) -> int:
         return len(self.targets)
