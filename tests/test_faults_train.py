@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _runs import EXPECTED_LR, RECIPE, REPO, overrides, parameters, records, samples_by_epoch, \
+from _runs import BIN, EXPECTED_LR, RECIPE, REPO, overrides, parameters, records, samples_by_epoch, \
     step_losses, train
 
 
@@ -145,3 +145,28 @@ def test_sigkill_at_a_random_update_then_resume(reference, data_root, tmp_path):
     assert_same_run(tmp_path / "run", reference)
     for seen in samples_by_epoch(tmp_path / "run", ranks=(0,)).values():
         assert sorted(seen) == list(range(64))  # nothing skipped or repeated in the interrupted epoch
+
+
+def worker_pid(launcher_pid, rank):
+    """The pid of the worker with RANK=rank among the launcher's children."""
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise LookupError(f"no worker with RANK={rank} under pid {launcher_pid}")
+
+
+def test_a_dead_rank_ends_the_job_instead_of_hanging(data_root, tmp_path):
+    """SIGKILL of rank 1 during training: the surviving rank stops and the launch fails within a minute."""
+    args = overrides(data_root, tmp_path, "run", **{"run.collective_timeout_s": 60})
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+           "-m", "goyal_recipe.cli", "train", str(RECIPE), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_update(tmp_path / "run", 3, proc)
+    survivor = worker_pid(proc.pid, 0)
+    os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+    killed_at = time.time()
+    assert proc.wait(timeout=120) != 0
+    assert time.time() - killed_at < 60
+    assert not Path(f"/proc/{survivor}").exists() or b"State:\tZ" in Path(f"/proc/{survivor}/status").read_bytes()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
