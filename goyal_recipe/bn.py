@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Last BN of a residual block, by block class: timm's and torchvision's ResNets share these names.
@@ -67,31 +68,33 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
                 f"GhostBatchNorm2d got a training batch of {batch} samples, not a multiple of "
                 f"group_size={self.group_size}; make the per-device micro-batch a multiple of the BN group size"
             )
-        groups = batch // self.group_size
-        # Statistics in at least fp32 for bf16/fp16 inputs: BN is kept in full precision.
-        xg = x.to(torch.promote_types(x.dtype, torch.float32)).view(groups, self.group_size, *x.shape[1:])
-        var, mean = torch.var_mean(xg, dim=(1, 3, 4), correction=0, keepdim=True)  # (G, 1, C, 1, 1)
-        scale = torch.rsqrt(var + self.eps)
-        shift = -mean * scale
-        if self.affine:
-            scale = scale * self.weight.view(1, 1, -1, 1, 1)
-            shift = shift * self.weight.view(1, 1, -1, 1, 1) + self.bias.view(1, 1, -1, 1, 1)
-        out = (xg * scale + shift).view_as(x).to(x.dtype)
-        if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), xg[0, :, 0].numel())
-        return out
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, group_count: int) -> None:
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average, as BatchNorm2d
-            factor = 1.0 / float(self.num_batches_tracked)
+        groups, n = batch // self.group_size, self.group_size
+        _, channels, height, width = x.shape
+        # Groups side by side as channels: one native batch_norm call then normalises every
+        # (group, channel) over its own n samples, as k workers would.
+        dtype = torch.promote_types(x.dtype, torch.float32)  # BN in at least fp32 for bf16/fp16 inputs
+        xs = x.to(dtype).view(groups, n, channels, height, width).transpose(0, 1).reshape(n, groups * channels, height, width)
+        track = self.track_running_stats
+        if track:
+            self.num_batches_tracked.add_(1)
+            # Each group moves its own copy of the running statistics; their mean is what k workers'
+            # averaged statistics would be (the update is linear).
+            running_mean, running_var = self.running_mean.repeat(groups), self.running_var.repeat(groups)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         else:
-            factor = self.momentum
-        # BatchNorm keeps the unbiased variance of each batch in its running estimate.
-        unbiased = var * (group_count / max(group_count - 1, 1))
-        self.running_mean.lerp_(mean.mean(dim=0).flatten().to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.mean(dim=0).flatten().to(self.running_var.dtype), factor)
+            running_mean = running_var = None
+            factor = 0.0
+        weight = self.weight.repeat(groups) if self.affine else None
+        bias = self.bias.repeat(groups) if self.affine else None
+        out = F.batch_norm(xs, running_mean, running_var, weight, bias, True, factor, self.eps)
+        if track:
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean.view(groups, channels).mean(0))
+                self.running_var.copy_(running_var.view(groups, channels).mean(0))
+        out = out.view(n, groups, channels, height, width).transpose(0, 1).reshape(x.shape).to(x.dtype)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
 
 def use_ghost_batchnorm(model: nn.Module, group_size: int = 32) -> int:
