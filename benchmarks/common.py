@@ -182,10 +182,18 @@ def summary(values: Sequence[float]) -> dict:
 
 def make_record(benchmark: str, args: argparse.Namespace, variants: dict, derived: dict | None = None,
                 extra_settings: dict | None = None) -> dict:
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "results"}
+    settings = {k: v for k, v in vars(args).items() if k != "results"}
     settings.update(extra_settings or {})
+    settings = {k: _portable(v) for k, v in settings.items()}
     return {"benchmark": benchmark, "date": utc_now(), "machine": machine_info(), "versions": versions(),
             "settings": settings, "variants": variants, "derived": derived or {}}
+
+
+def _portable(value):
+    """Settings as JSON values; paths inside the repository relative to it, so records name no machine."""
+    if isinstance(value, (str, Path)) and str(value).startswith(str(REPO) + "/"):
+        return str(Path(value).relative_to(REPO))
+    return str(value) if isinstance(value, Path) else value
 
 
 def write_record(record: dict, path: Path | None) -> Path:
