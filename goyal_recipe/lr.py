@@ -46,16 +46,9 @@ class GoyalLR(LRScheduler):
         inner = _innermost_optimizer(optimizer)
         self._groups = list(inner.param_groups)
         self._stepped: set[int] = set()  # ids of the groups stepped so far in the current update
-        self._hooks = (
-            inner.register_step_pre_hook(self._before_update),
-            inner.register_step_post_hook(self._after_update),
-        )
+        inner.register_step_pre_hook(self._before_update)
+        inner.register_step_post_hook(self._after_update)
         super().__init__(inner, last_epoch)
-
-    @property
-    def epoch_progress(self) -> float:
-        """Fractional epoch of the next update."""
-        return self.updates_done / self.updates_per_epoch
 
     def lr_at(self, update: int) -> float:
         """Schedule LR (before any group's `lr_scale`) used by 0-based update `update`."""
@@ -116,9 +109,4 @@ class GoyalLR(LRScheduler):
         self.last_epoch = int(state_dict["last_epoch"])
         self._refresh_groups()
         self._apply()
-
-    def remove_hooks(self) -> None:
-        """Detach from the optimizer (for replacing this scheduler on the same optimizer)."""
-        for handle in self._hooks:
-            handle.remove()
 

@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import model_state
 from ..config import ConfigError
+from .base import Engine
 
 
-class AccelerateEngine:
+class AccelerateEngine(Engine):
     name = "accelerate"
     grad_reduction = "mean"  # DDP averages gradients over ranks
 
@@ -59,10 +60,6 @@ class AccelerateEngine:
         return self.accelerator.process_index
 
     @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
@@ -72,22 +69,12 @@ class AccelerateEngine:
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
 
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def micro_batch(self, model, last: bool):
         """Context of one accumulation micro-batch: gradients are all-reduced only on the last."""
         return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
-
-    def grads_finite(self, model) -> torch.Tensor:
-        """This rank's verdict: are all gradients finite (before the update)?"""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        return torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
 
     def skip(self, model, optimizer) -> None:
         """Drop the update: weights and optimizer state stay as they are."""
@@ -118,14 +105,6 @@ class AccelerateEngine:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
-
-    def average_buffers(self, model) -> None:
-        """Average floating-point buffers (BN running statistics) over ranks."""
-        if self.world_size == 1:
-            return
-        for buffer in self.unwrap(model).buffers():
-            if buffer.is_floating_point():
-                buffer.copy_(self.accelerator.reduce(buffer, reduction="mean"))
 
     def init_trackers(self, name: str, config: dict) -> None:
         if self.accelerator.log_with:

@@ -14,7 +14,6 @@ update and checkpoints. What DeepSpeed could also do, the recipe does instead:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError, RecipeConfig, plan_batches
+from .base import Engine
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _RECIPE_OWNED = {"optimizer": "optim.*", "scheduler": "optim.* (GoyalLR)", "fp16": "model.precision",
@@ -85,7 +85,7 @@ def _single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     name = "deepspeed"
     grad_reduction = "mean"  # DeepSpeed averages gradients over the data-parallel ranks
 
@@ -113,10 +113,6 @@ class DeepSpeedEngine:
     def rank(self) -> int:
         return dist.get_rank()
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def prepare(self, model, optimizer):
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
                                                           config=ds_config(self.cfg, self.world_size))
@@ -126,25 +122,14 @@ class DeepSpeedEngine:
     def unwrap(self, model):
         return getattr(model, "module", model)
 
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def micro_batch(self, model, last: bool):
-        # DeepSpeed all-reduces at its accumulation boundary by itself.
-        return contextlib.nullcontext()
-
     def backward(self, loss: torch.Tensor) -> None:
         engine = self._engine
         engine.backward(loss, scale_wrt_gas=False)
         if not engine.is_gradient_accumulation_boundary():
             engine.step()  # only counts the micro-batch; the update is `step` below
 
-    def grads_finite(self, model) -> torch.Tensor:
-        # ZeRO-1 moves reduced gradients out of .grad; the loss check of the trainer still applies.
-        grads = [p.grad for p in model.module.parameters() if p.grad is not None]
-        return torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+    # micro_batch: DeepSpeed all-reduces at its accumulation boundary by itself. grads_finite: ZeRO-1
+    # moves reduced gradients out of .grad, so there the loss check of TrainStep is what applies.
 
     def skip(self, model, optimizer) -> None:
         raise FloatingPointError("non-finite loss or gradient under engine=deepspeed, which cannot drop an update "
@@ -176,14 +161,6 @@ class DeepSpeedEngine:
 
     def barrier(self) -> None:
         dist.barrier()
-
-    def average_buffers(self, model) -> None:
-        if self.world_size == 1:
-            return
-        for buffer in self.unwrap(model).buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer)
-                buffer.div_(self.world_size)
 
     def init_trackers(self, name: str, config: dict) -> None:
         if self.is_main and "tensorboard" in self.cfg.run.trackers:
