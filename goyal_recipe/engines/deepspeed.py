@@ -177,3 +177,4 @@ class DeepSpeedEngine(Engine):
         if self._writer is not None:
             self._writer.close()
         self.barrier()
+        dist.destroy_process_group()  # no rank exits with live gloo/NCCL threads
