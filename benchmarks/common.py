@@ -14,12 +14,8 @@ Each entry of "values" is one repeat; warmup iterations are never part of them.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +23,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from goyal_recipe.provenance import REPO, machine_info, utc_now, versions
+
 RESULTS_DIR = REPO / "benchmarks" / "results"
 CACHE_DIR = REPO / "benchmarks" / ".cache"  # generated JPEGs; ignored by benchmarks/.gitignore
 
@@ -71,55 +68,6 @@ def script_name(file: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # machine and versions
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        gpu = {"name": props.name, "count": torch.cuda.device_count(),
-               "memory_gib": round(props.total_memory / 2**30, 1)}
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable,
-            "torch_threads": torch.get_num_threads(), "gpu": gpu, "hostname": platform.node(),
-            "os": platform.platform()}
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - a missing optional package is simply absent from the record
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "timm": _version("timm"), "torchvision": _version("torchvision"), "accelerate": _version("accelerate"),
-            "goyal_recipe": _version("goyal_recipe"), "git": _git_commit()}
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ----------------------------------------------------------------------------------------------

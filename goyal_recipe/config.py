@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,6 +93,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: str = "resnet50"
     """Any timm model name."""
+    kwargs: dict[str, Any] = {}
+    """Extra keyword arguments of `timm.create_model`, e.g. {channels: [16, 32, 64, 128]} for a narrow ResNet."""
     num_classes: int | None = Field(None, ge=2)
     """Default: the number of classes of the data."""
     zero_init_last: bool = True

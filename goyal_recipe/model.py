@@ -17,14 +17,16 @@ def build_model(cfg: ModelConfig, num_classes: int, plan: BatchPlan, world_size:
     """`timm.create_model` with zero-gamma (or gamma = 1) residual init, FC ~ N(0, std^2) and the BN mode."""
     import timm
 
+    if not timm.is_model(cfg.name):
+        raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models()")
     try:
-        model = timm.create_model(cfg.name, num_classes=num_classes, zero_init_last=cfg.zero_init_last)
-    except TypeError:  # models without residual blocks take no zero_init_last
-        model = timm.create_model(cfg.name, num_classes=num_classes)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models()") from None
-        raise
+        model = timm.create_model(cfg.name, num_classes=num_classes, zero_init_last=cfg.zero_init_last, **cfg.kwargs)
+    except TypeError:
+        try:  # models without residual blocks take no zero_init_last
+            model = timm.create_model(cfg.name, num_classes=num_classes, **cfg.kwargs)
+        except TypeError as e:
+            raise ConfigError(f"model.kwargs {cfg.kwargs} do not fit {cfg.name} ({e}); "
+                              f"pass only arguments of timm's {cfg.name} constructor") from None
     if cfg.zero_init_last:
         log.info("zero-gamma init on %d residual blocks", len(zero_init_last_bn(model)))
     if cfg.fc_init_std is not None:

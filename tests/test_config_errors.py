@@ -55,6 +55,7 @@ OVERRIDES = [
     ("BN group not dividing n", ["model.bn_group_size=3"], "model.bn_group_size=3 does not divide batch.per_device_batch_size=8"),
     ("missing data root", ["data.root={tmp}/nowhere"], "data root {tmp}/nowhere does not exist; point data.root at"),
     ("unknown model name", ["model.name=resnet9000"], "model.name='resnet9000' is not a timm model"),
+    ("model kwargs the model does not take", ["model.kwargs={wings: 2}"], "model.kwargs {'wings': 2} do not fit"),
 ]
 
 # (case id, recipe file text or None for a missing file, text the error must hold)

@@ -43,7 +43,9 @@ class EpochSeededDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         saved = torch.get_rng_state()
-        torch.manual_seed((self.seed * _MIX[0] + epoch * _MIX[1] + index) % (2**63))
+        # The CPU generator only: torch.manual_seed also queues a CUDA reseed, which on CUDA builds
+        # costs more than decoding a small image; the transforms draw from the CPU generator.
+        torch.default_generator.manual_seed((self.seed * _MIX[0] + epoch * _MIX[1] + index) % (2**63))
         try:
             image, label, bad = load_sample(self.dataset, index, self.bad_images)
         finally:
@@ -89,15 +91,21 @@ class Data:
     num_val: int
 
 
-def ensure_generated(cfg: RecipeConfig, engine) -> None:
-    """Write the recipe's generated dataset to data.root (main process) unless it is there with these settings."""
+def generate_configured(cfg: RecipeConfig) -> None:
+    """Write the recipe's generated dataset to data.root unless it is there with these settings."""
     gen = cfg.data.generate
-    if gen is None:
-        return
-    if engine.is_main:
+    if gen is not None:
         generate_dataset(cfg.data.root, num_classes=gen.num_classes, train_per_class=gen.train_per_class,
                          val_per_class=gen.val_per_class, image_size=(gen.image_width, gen.image_height),
                          seed=gen.seed, difficulty=gen.difficulty)
+
+
+def ensure_generated(cfg: RecipeConfig, engine) -> None:
+    """`generate_configured` on the main process while the other ranks wait."""
+    if cfg.data.generate is None:
+        return
+    if engine.is_main:
+        generate_configured(cfg)
     engine.barrier()
 
 
