@@ -1,0 +1,114 @@
+"""goyal-replicate builds the paper's runs from one base recipe and reports them from recorded metrics."""
+
+import json
+import math
+
+import pytest
+
+from goyal_recipe.config import load_config, plan_batches
+from goyal_recipe.metrics import JsonlWriter
+from goyal_recipe.replicate import BASE_RECIPE, MODES, Setting, build_runs, collect, main, paper_kn_at, write_report
+
+
+def configs(mode, tmp_path):
+    return {run.name: load_config(BASE_RECIPE, list(run.overrides)) for run in build_runs(mode, tmp_path)}
+
+
+def test_quick_mode_runs_the_paper_design_at_its_scale(tmp_path):
+    cfgs = configs("quick", tmp_path)
+    # Table 1 (baseline, 3 warmups at kn=256), the kn sweep adds 1024, one ablation; 3 seeds each.
+    assert sorted({name.rsplit("-seed", 1)[0] for name in cfgs}) == [
+        "kn1024-gradual-linear-zerogamma", "kn256-constant-linear-zerogamma", "kn256-gradual-linear-zerogamma",
+        "kn256-gradual-none-zerogamma", "kn256-none-linear-zerogamma", "kn32-gradual-linear-zerogamma"]
+    assert len(cfgs) == 18
+    for name, cfg in cfgs.items():
+        # What the paper holds fixed: BN statistics over 32 images, the optimizer, the data, the schedule shape.
+        assert (cfg.model.bn, cfg.model.bn_group_size, cfg.model.name) == ("ghost", 32, "resnet18")
+        assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.base_lr, cfg.optim.base_batch_size) == (
+            0.9, 1e-4, 0.1, 32)
+        assert (cfg.optim.epochs, cfg.optim.milestones, cfg.optim.warmup_epochs) == (9, [3, 6, 8], 0.5)
+        assert cfg.data.generate.train_per_class == 50 and cfg.data.root.endswith("replication-quick")
+        assert cfg.run.seed == int(name[-1]) and cfg.run.name == name
+    peak = {name.rsplit("-seed", 1)[0]: cfg.schedule().peak_lr for name, cfg in cfgs.items()}
+    assert peak == pytest.approx({"kn32-gradual-linear-zerogamma": 0.1, "kn256-none-linear-zerogamma": 0.8,
+                                  "kn256-constant-linear-zerogamma": 0.8, "kn256-gradual-linear-zerogamma": 0.8,
+                                  "kn1024-gradual-linear-zerogamma": 3.2, "kn256-gradual-none-zerogamma": 0.1})
+    # The LR per update at kn=256 (19 updates per epoch of 5000 images): warmup over half an epoch.
+    lr = {w: cfgs[f"kn256-{w}-linear-zerogamma-seed0"].schedule().lr for w in ("none", "constant", "gradual")}
+    assert [lr["none"](e) for e in (0, 0.25, 3)] == pytest.approx([0.8, 0.8, 0.08])
+    assert [lr["constant"](e) for e in (0, 0.25, 0.5)] == pytest.approx([0.1, 0.1, 0.8])
+    assert [lr["gradual"](e) for e in (0, 0.25, 0.5, 8.5)] == pytest.approx([0.1, 0.45, 0.8, 0.0008])
+    # kn beyond the micro-batch by accumulation, same BN groups.
+    plan = plan_batches(cfgs["kn1024-gradual-linear-zerogamma-seed0"], world_size=1)
+    assert (plan.per_device_batch_size, plan.accumulation_steps, plan.bn_groups_per_update) == (128, 8, 32)
+
+
+def test_full_mode_covers_the_sweep_and_every_ablation(tmp_path):
+    cfgs = configs("full", tmp_path)
+    by_setting = {name.rsplit("-seed", 1)[0]: cfg for name, cfg in cfgs.items()}
+    assert len(cfgs) == 3 * len(by_setting) == 42
+    assert sorted(c.batch.global_batch_size for n, c in by_setting.items() if "gradual-linear-zerogamma" in n) == [
+        32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert by_setting["kn1024-gradual-linear-gamma1"].model.zero_init_last is False
+    assert by_setting["kn1024-gradual-sqrt-zerogamma"].schedule().peak_lr == pytest.approx(0.1 * math.sqrt(32))
+    kn1024 = by_setting["kn1024-gradual-linear-zerogamma"].schedule()
+    assert [kn1024.lr(e) for e in (0, 0.5, 1, 6, 17)] == pytest.approx([0.1, 1.65, 3.2, 0.32, 0.0032])
+    assert by_setting["kn8192-gradual-linear-zerogamma"].batch.per_device_batch_size == 256
+
+
+def test_the_paper_kn_with_as_many_updates_per_epoch():
+    assert paper_kn_at(156) == 8192 and paper_kn_at(5005) == 256 and paper_kn_at(19) == 65536
+    assert paper_kn_at(4) is None and paper_kn_at(40_000) is None and paper_kn_at(None) is None
+
+
+def record_run(run, val_errors, updates_per_epoch):
+    """A run's metrics.jsonl as the trainer writes it."""
+    writer = JsonlWriter(run.run_dir / "metrics.jsonl")
+    writer.write({"kind": "run", "name": run.name, "global_batch_size": run.setting.global_batch_size,
+                  "updates_per_epoch": updates_per_epoch, "time": 1000.0})
+    for epoch, error in enumerate(val_errors, start=1):
+        writer.write({"kind": "epoch", "epoch": epoch, "train_loss": 1.0, "train_top1_error": error + 5,
+                      "val_top1_error": error, "lr": 0.1, "time": 1000.0 + 60 * epoch})
+    writer.close()
+
+
+def test_report_tables_and_figures_come_from_recorded_metrics(tmp_path):
+    runs = build_runs("quick", tmp_path / "runs")
+    finals = {"kn32-gradual-linear-zerogamma": [30.0, 32.0, 34.0], "kn256-none-linear-zerogamma": [40.0, 41.0, 45.0],
+              "kn256-constant-linear-zerogamma": [50.0, 50.0, 50.0], "kn256-gradual-linear-zerogamma": [31.0, 33.0, 32.0],
+              "kn1024-gradual-linear-zerogamma": [60.0, 70.0, 80.0], "kn256-gradual-none-zerogamma": [90.0, 91.0, 92.0]}
+    for run in runs:
+        if run.name == "kn256-constant-linear-zerogamma-seed2":
+            record_run(run, [80.0] * 4, 19)  # interrupted after 4 of 9 epochs: no error yet
+            continue
+        final = finals[run.setting.name][run.seed]
+        record_run(run, [90.0] * 8 + [final], {32: 156, 256: 19, 1024: 4}[run.setting.global_batch_size])
+    records = collect("quick", runs)
+    provenance = {"command": "goyal-replicate --mode quick", "machine": "test", "date": "2026-01-01",
+                  "duration_s": 600.0, "jobs": 2, "train_s": 1080.0, "versions": {"torch": "x"}, "scale": "tiny"}
+    paths = write_report("quick", records, tmp_path / "out", provenance)
+    report = (tmp_path / "out" / "results.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("|")}
+    assert rows["baseline kn=32"] == "| baseline kn=32 | 1 | 32 | 32 | 0.1 | 156 | 32.00 ± 2.00 (n=3) | 23.60 ± 0.12 |"
+    assert rows["no warmup"] == "| no warmup | 8 | 32 | 256 | 0.8 | 19 | 42.00 ± 2.65 (n=3) | 24.84 ± 0.37 |"
+    assert rows["constant warmup"].endswith("| 50.00 ± 0.00 (n=2) | 25.88 ± 0.56 |")
+    assert rows["1024"] == "| 1024 | 32 | 3.2 | 4 | 70.00 ± 10.00 (n=3) | outside the paper's range |"
+    assert rows["no LR scaling"] == "| no LR scaling | 0.1 | 91.00 ± 1.00 (n=3) | 41.67 |"
+    assert "wall time 10.0 min with 2 runs at once, training time of all runs together 18.0 min" in report
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["runs"]) == 18 and sum(r["error"] is None for r in saved["runs"]) == 1
+    for name in ("error_vs_kn.png", "curves_warmup.png", "curves_kn.png"):
+        png = tmp_path / "out" / name
+        assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_report_only_rebuilds_from_the_runs_without_training(tmp_path, capsys):
+    runs = build_runs("quick", tmp_path / "runs", seeds=[0])
+    for run in runs:
+        record_run(run, [50.0] * 9, 19)
+    code = main(["--mode", "quick", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--out",
+                 str(tmp_path / "out"), "--report-only"])
+    assert code == 0
+    assert "| gradual warmup | 8 | 32 | 256 | 0.8 | 19 | 50.00 (n=1) | 23.74 ± 0.09 |" in (
+        tmp_path / "out" / "results.md").read_text()
+    assert Setting(256).name == "kn256-gradual-linear-zerogamma"
