@@ -16,10 +16,10 @@ def configs(mode, tmp_path):
 
 def test_quick_mode_runs_the_paper_design_at_its_scale(tmp_path):
     cfgs = configs("quick", tmp_path)
-    # Table 1 (baseline, 3 warmups at kn=256), the kn sweep adds 1024, one ablation; 3 seeds each.
+    # Table 1 (baseline, 3 warmups at kn=128), the kn sweep adds 512, one ablation; 3 seeds each.
     assert sorted({name.rsplit("-seed", 1)[0] for name in cfgs}) == [
-        "kn1024-gradual-linear-zerogamma", "kn256-constant-linear-zerogamma", "kn256-gradual-linear-zerogamma",
-        "kn256-gradual-none-zerogamma", "kn256-none-linear-zerogamma", "kn32-gradual-linear-zerogamma"]
+        "kn128-constant-linear-zerogamma", "kn128-gradual-linear-zerogamma", "kn128-gradual-none-zerogamma",
+        "kn128-none-linear-zerogamma", "kn32-gradual-linear-zerogamma", "kn512-gradual-linear-zerogamma"]
     assert len(cfgs) == 18
     for name, cfg in cfgs.items():
         # What the paper holds fixed: BN statistics over 32 images, the optimizer, the data, the schedule shape.
@@ -28,19 +28,19 @@ def test_quick_mode_runs_the_paper_design_at_its_scale(tmp_path):
             0.9, 1e-4, 0.1, 32)
         assert (cfg.optim.epochs, cfg.optim.milestones, cfg.optim.warmup_epochs) == (9, [3, 6, 8], 0.5)
         assert cfg.data.generate.train_per_class == 50 and cfg.data.root.endswith("replication-quick")
-        assert cfg.run.seed == int(name[-1]) and cfg.run.name == name
+        assert cfg.run.seed == int(name[-1]) and cfg.run.name == name and cfg.run.eval_every_epochs == 3
     peak = {name.rsplit("-seed", 1)[0]: cfg.schedule().peak_lr for name, cfg in cfgs.items()}
-    assert peak == pytest.approx({"kn32-gradual-linear-zerogamma": 0.1, "kn256-none-linear-zerogamma": 0.8,
-                                  "kn256-constant-linear-zerogamma": 0.8, "kn256-gradual-linear-zerogamma": 0.8,
-                                  "kn1024-gradual-linear-zerogamma": 3.2, "kn256-gradual-none-zerogamma": 0.1})
-    # The LR per update at kn=256 (19 updates per epoch of 5000 images): warmup over half an epoch.
-    lr = {w: cfgs[f"kn256-{w}-linear-zerogamma-seed0"].schedule().lr for w in ("none", "constant", "gradual")}
-    assert [lr["none"](e) for e in (0, 0.25, 3)] == pytest.approx([0.8, 0.8, 0.08])
-    assert [lr["constant"](e) for e in (0, 0.25, 0.5)] == pytest.approx([0.1, 0.1, 0.8])
-    assert [lr["gradual"](e) for e in (0, 0.25, 0.5, 8.5)] == pytest.approx([0.1, 0.45, 0.8, 0.0008])
+    assert peak == pytest.approx({"kn32-gradual-linear-zerogamma": 0.1, "kn128-none-linear-zerogamma": 0.4,
+                                  "kn128-constant-linear-zerogamma": 0.4, "kn128-gradual-linear-zerogamma": 0.4,
+                                  "kn512-gradual-linear-zerogamma": 1.6, "kn128-gradual-none-zerogamma": 0.1})
+    # The LR through training at kn=128 (39 updates per epoch of 5000 images): warmup over half an epoch.
+    lr = {w: cfgs[f"kn128-{w}-linear-zerogamma-seed0"].schedule().lr for w in ("none", "constant", "gradual")}
+    assert [lr["none"](e) for e in (0, 0.25, 3)] == pytest.approx([0.4, 0.4, 0.04])
+    assert [lr["constant"](e) for e in (0, 0.25, 0.5)] == pytest.approx([0.1, 0.1, 0.4])
+    assert [lr["gradual"](e) for e in (0, 0.25, 0.5, 8.5)] == pytest.approx([0.1, 0.25, 0.4, 0.0004])
     # kn beyond the micro-batch by accumulation, same BN groups.
-    plan = plan_batches(cfgs["kn1024-gradual-linear-zerogamma-seed0"], world_size=1)
-    assert (plan.per_device_batch_size, plan.accumulation_steps, plan.bn_groups_per_update) == (128, 8, 32)
+    plan = plan_batches(cfgs["kn512-gradual-linear-zerogamma-seed0"], world_size=1)
+    assert (plan.per_device_batch_size, plan.accumulation_steps, plan.bn_groups_per_update) == (128, 4, 16)
 
 
 def test_full_mode_covers_the_sweep_and_every_ablation(tmp_path):
@@ -74,15 +74,15 @@ def record_run(run, val_errors, updates_per_epoch):
 
 def test_report_tables_and_figures_come_from_recorded_metrics(tmp_path):
     runs = build_runs("quick", tmp_path / "runs")
-    finals = {"kn32-gradual-linear-zerogamma": [30.0, 32.0, 34.0], "kn256-none-linear-zerogamma": [40.0, 41.0, 45.0],
-              "kn256-constant-linear-zerogamma": [50.0, 50.0, 50.0], "kn256-gradual-linear-zerogamma": [31.0, 33.0, 32.0],
-              "kn1024-gradual-linear-zerogamma": [60.0, 70.0, 80.0], "kn256-gradual-none-zerogamma": [90.0, 91.0, 92.0]}
+    finals = {"kn32-gradual-linear-zerogamma": [30.0, 32.0, 34.0], "kn128-none-linear-zerogamma": [40.0, 41.0, 45.0],
+              "kn128-constant-linear-zerogamma": [50.0, 50.0, 50.0], "kn128-gradual-linear-zerogamma": [31.0, 33.0, 32.0],
+              "kn512-gradual-linear-zerogamma": [60.0, 70.0, 80.0], "kn128-gradual-none-zerogamma": [90.0, 91.0, 92.0]}
     for run in runs:
-        if run.name == "kn256-constant-linear-zerogamma-seed2":
-            record_run(run, [80.0] * 4, 19)  # interrupted after 4 of 9 epochs: no error yet
+        if run.name == "kn128-constant-linear-zerogamma-seed2":
+            record_run(run, [80.0] * 4, 39)  # interrupted after 4 of 9 epochs: no error yet
             continue
         final = finals[run.setting.name][run.seed]
-        record_run(run, [90.0] * 8 + [final], {32: 156, 256: 19, 1024: 4}[run.setting.global_batch_size])
+        record_run(run, [90.0] * 8 + [final], {32: 156, 128: 39, 512: 9}[run.setting.global_batch_size])
     records = collect("quick", runs)
     provenance = {"command": "goyal-replicate --mode quick", "machine": "test", "date": "2026-01-01",
                   "duration_s": 600.0, "jobs": 2, "train_s": 1080.0, "versions": {"torch": "x"}, "scale": "tiny"}
@@ -90,9 +90,10 @@ def test_report_tables_and_figures_come_from_recorded_metrics(tmp_path):
     report = (tmp_path / "out" / "results.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("|")}
     assert rows["baseline kn=32"] == "| baseline kn=32 | 1 | 32 | 32 | 0.1 | 156 | 32.00 ± 2.00 (n=3) | 23.60 ± 0.12 |"
-    assert rows["no warmup"] == "| no warmup | 8 | 32 | 256 | 0.8 | 19 | 42.00 ± 2.65 (n=3) | 24.84 ± 0.37 |"
+    assert rows["no warmup"] == "| no warmup | 4 | 32 | 128 | 0.4 | 39 | 42.00 ± 2.65 (n=3) | 24.84 ± 0.37 |"
     assert rows["constant warmup"].endswith("| 50.00 ± 0.00 (n=2) | 25.88 ± 0.56 |")
-    assert rows["1024"] == "| 1024 | 32 | 3.2 | 4 | 70.00 ± 10.00 (n=3) | outside the paper's range |"
+    assert rows["128"] == "| 128 | 4 | 0.4 | 39 | 32.00 ± 1.00 (n=3) | 32k: 27.55 |"
+    assert rows["512"] == "| 512 | 16 | 1.6 | 9 | 70.00 ± 10.00 (n=3) | outside the paper's range |"
     assert rows["no LR scaling"] == "| no LR scaling | 0.1 | 91.00 ± 1.00 (n=3) | 41.67 |"
     assert "wall time 10.0 min with 2 runs at once, training time of all runs together 18.0 min" in report
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -105,10 +106,10 @@ def test_report_tables_and_figures_come_from_recorded_metrics(tmp_path):
 def test_report_only_rebuilds_from_the_runs_without_training(tmp_path, capsys):
     runs = build_runs("quick", tmp_path / "runs", seeds=[0])
     for run in runs:
-        record_run(run, [50.0] * 9, 19)
+        record_run(run, [50.0] * 9, 39)
     code = main(["--mode", "quick", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--out",
                  str(tmp_path / "out"), "--report-only"])
     assert code == 0
-    assert "| gradual warmup | 8 | 32 | 256 | 0.8 | 19 | 50.00 (n=1) | 23.74 ± 0.09 |" in (
+    assert "| gradual warmup | 4 | 32 | 128 | 0.4 | 39 | 50.00 (n=1) | 23.74 ± 0.09 |" in (
         tmp_path / "out" / "results.md").read_text()
     assert Setting(256).name == "kn256-gradual-linear-zerogamma"
