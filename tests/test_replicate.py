@@ -27,13 +27,13 @@ def test_quick_mode_runs_the_paper_design_at_its_scale(tmp_path):
         assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.base_lr, cfg.optim.base_batch_size) == (
             0.9, 1e-4, 0.1, 32)
         assert (cfg.optim.epochs, cfg.optim.milestones, cfg.optim.warmup_epochs) == (9, [3, 6, 8], 0.5)
-        assert cfg.data.generate.train_per_class == 50 and cfg.data.root.endswith("replication-quick")
+        assert cfg.data.generate.train_per_class == 40 and cfg.data.root.endswith("replication-quick")
         assert cfg.run.seed == int(name[-1]) and cfg.run.name == name and cfg.run.eval_every_epochs == 3
     peak = {name.rsplit("-seed", 1)[0]: cfg.schedule().peak_lr for name, cfg in cfgs.items()}
     assert peak == pytest.approx({"kn32-gradual-linear-zerogamma": 0.1, "kn128-none-linear-zerogamma": 0.4,
                                   "kn128-constant-linear-zerogamma": 0.4, "kn128-gradual-linear-zerogamma": 0.4,
                                   "kn512-gradual-linear-zerogamma": 1.6, "kn128-gradual-none-zerogamma": 0.1})
-    # The LR through training at kn=128 (39 updates per epoch of 5000 images): warmup over half an epoch.
+    # The LR through training at kn=128 (31 updates per epoch of 4000 images): warmup over half an epoch.
     lr = {w: cfgs[f"kn128-{w}-linear-zerogamma-seed0"].schedule().lr for w in ("none", "constant", "gradual")}
     assert [lr["none"](e) for e in (0, 0.25, 3)] == pytest.approx([0.4, 0.4, 0.04])
     assert [lr["constant"](e) for e in (0, 0.25, 0.5)] == pytest.approx([0.1, 0.1, 0.4])
