@@ -1,9 +1,10 @@
 """Input-pipeline throughput: the trainer's training loader against torchvision ImageFolder + PIL + DataLoader.
 
 trainer:   `goyal_recipe.data.pipeline.build_data` for an imagefolder recipe, i.e. `ImageFolderSource`
-           + `train_transform` (RandomResizedCrop, flip, ToTensor, Normalize) + `EpochSeededDataset`
-           (augmentation seeded per sample) + `EpochTaggedSampler(EpochShuffleSampler)` +
-           `build_loader` (persistent workers, pinned memory on CUDA).
+           + `TrainDecode` (crop planned from the JPEG header, draft decode when the crop allows it,
+           random-resized crop, flip, normalise) + `EpochSeededDataset` (augmentation seeded per sample)
+           + `EpochTaggedSampler(EpochShuffleSampler)` + `build_loader` (persistent workers, pinned
+           memory on CUDA); `--decode gpu` adds the device decode stage in this process.
 reference: `torchvision.datasets.ImageFolder` with its default PIL loader and the same torchvision
            transforms, `DataLoader(shuffle=True)` (the PyTorch ImageNet example).
 
@@ -37,6 +38,8 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader worker processes")
     p.add_argument("--image-size", type=int, default=224, help="training crop")
+    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu", help="the trainer's data.decode")
+    p.add_argument("--no-draft", dest="draft", action="store_false", help="the trainer with data.decode_draft=false")
     p.set_defaults(per_class=160)
     return common.parse_args(p, QUICK, argv)
 
@@ -54,7 +57,8 @@ def trainer_loader(args, root: Path):
     from goyal_recipe.data.pipeline import build_data
 
     cfg = RecipeConfig.model_validate({
-        "data": {"source": "imagefolder", "root": str(root), "image_size": args.image_size, "workers": args.workers},
+        "data": {"source": "imagefolder", "root": str(root), "image_size": args.image_size, "workers": args.workers,
+                 "decode": args.decode, "decode_draft": args.draft},
         "batch": {"global_batch_size": args.batch_size, "per_device_batch_size": args.batch_size},
         "model": {"bn": "per_device"},
         "run": {"eval_every_epochs": 0},
@@ -83,8 +87,9 @@ def reference_loader(args, root: Path):
     return lambda: iter(loader)
 
 
-def time_epochs(loaders: dict, warmup_batches: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds of the timed batches of one epoch per repeat and loader (loaders interleaved)."""
+def time_epochs(loaders: dict, warmup_batches: int, repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds of the timed batches of one epoch per repeat and loader (loaders interleaved); the
+    device is synchronised at the end, as --decode gpu leaves its work queued there."""
     seconds = {name: [] for name in loaders}
     names = list(loaders)
     for r in range(repeats):
@@ -95,6 +100,7 @@ def time_epochs(loaders: dict, warmup_batches: int, repeats: int) -> dict[str, l
             start = time.perf_counter()
             for _ in batches:
                 pass
+            common.synchronize(device)
             seconds[name].append(time.perf_counter() - start)
             del batches
     return seconds
@@ -111,7 +117,7 @@ def main(argv=None):
         raise SystemExit(f"{len(files)} images make {batches_per_epoch} batches of {args.batch_size}: not more than "
                          f"the {warmup} warmup batches; raise --per-class or --classes")
     loaders = {"trainer": trainer_loader(args, root), "reference": reference_loader(args, root)}
-    seconds = time_epochs(loaders, warmup, args.repeats)
+    seconds = time_epochs(loaders, warmup, args.repeats, args.device)
 
     images = timed * args.batch_size
     processes = max(args.workers, 1)

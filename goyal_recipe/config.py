@@ -88,6 +88,19 @@ class DataConfig(_Section):
     """An image that cannot be decoded: "fail" stops the run naming the file; "skip" trains on the next
     decodable sample in its place (deterministic, counted; evaluation leaves it out). `goyal-data
     validate ROOT` lists every bad file beforehand."""
+    decode_draft: bool = True
+    """Decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling via PIL's draft) when the crop allows it:
+    the largest reduction at which the crop box, counted in reduced pixels, still has at least image_size
+    pixels in both dimensions (evaluation: the shorter side at least image_size * 256/224). The resize after
+    it then never upsamples where the full decode did not; the crop box (drawn from the header size with the
+    same RNG draws) is unchanged and the pixels differ by resampling noise only. false: always full size."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Where JPEGs are decoded. cpu: in the loader workers (libjpeg-turbo via torchvision or, drafted and for
+    other formats, PIL). gpu: workers read the bytes and draw the crop; the main process decodes each batch
+    on the training device with nvjpeg (torchvision.io.decode_jpeg) and crops, resizes, flips and normalises
+    there, taking the cpu path (same crop) for files it cannot decode (CMYK, PNG, corrupt). Without CUDA the
+    stage runs on the CPU after a one-line warning: the same images (so a GPU recipe can be tried on a CPU
+    machine), but slower than cpu, as one process decodes what the workers would."""
 
 
 class ModelConfig(_Section):

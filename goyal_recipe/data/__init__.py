@@ -3,11 +3,13 @@
 The only part of goyal_recipe that imports torchvision, datasets, PIL or pyarrow.
 """
 
+from .decode import DecodeTransform, EvalDecode, Plan, TrainDecode, draft_reduction
 from .generate import generate_dataset, generate_main, read_done, synset_names
 from .loader import build_loader
 from .sources import (
     BAD_IMAGE_POLICIES,
     BadImageError,
+    EncodedImage,
     HFSource,
     ImageFolderSource,
     ParquetSource,
@@ -34,6 +36,7 @@ __all__ = [
     "find_split_files",
     "rgb_loader",
     "decode_rgb",
+    "EncodedImage",
     "BadImageError",
     "BAD_IMAGE_POLICIES",
     "load_sample",
@@ -43,6 +46,11 @@ __all__ = [
     "eval_transform",
     "eval_resize_size",
     "Lighting",
+    "DecodeTransform",
+    "TrainDecode",
+    "EvalDecode",
+    "Plan",
+    "draft_reduction",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "build_loader",

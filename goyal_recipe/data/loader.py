@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,6 +18,7 @@ def build_loader(
     prefetch_factor: int | None = None,
     drop_last: bool = False,
     worker_seed: int = 0,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A DataLoader over `dataset` in exactly the order of `sampler` (it never shuffles).
 
@@ -45,5 +46,6 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(worker_seed),
+        collate_fn=collate_fn,
         **kw,
     )

@@ -11,6 +11,7 @@ loader workers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import BatchPlan, RecipeConfig
 from ..sampler import EpochShuffleSampler
+from .decode import EvalDecode, TrainDecode
+from .device_decode import DecodedLoader, build_device_loader
 from .generate import generate_dataset
 from .loader import build_loader
 from .sources import build_dataset, load_sample
-from .transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
 
@@ -83,9 +87,9 @@ class EpochTaggedSampler(Sampler):
 
 @dataclass
 class Data:
-    train_loader: DataLoader
+    train_loader: DataLoader | DecodedLoader
     train_sampler: EpochShuffleSampler
-    val_loader: DataLoader | None
+    val_loader: DataLoader | DecodedLoader | None
     num_classes: int
     num_train: int
     num_val: int
@@ -109,27 +113,48 @@ def ensure_generated(cfg: RecipeConfig, engine) -> None:
     engine.barrier()
 
 
+def decode_device(cfg: RecipeConfig, engine) -> torch.device | None:
+    """Where data.decode=gpu decodes (the engine's CUDA device, else the CPU with a warning); None for cpu."""
+    if cfg.data.decode == "cpu":
+        return None
+    if engine.device.type == "cuda":
+        return engine.device
+    if engine.is_main:
+        log.warning("data.decode=gpu without a CUDA device: JPEGs are decoded on the CPU in the main process, "
+                    "slower than data.decode=cpu's loader workers")
+    return torch.device("cpu")
+
+
+def _loader(rows: Dataset, sampler, batch_size: int, cfg: RecipeConfig, engine, device: torch.device | None,
+            drop_last: bool = False):
+    """The loader of data.decode: decoding in the workers (device None), or a stage on `device` after them."""
+    if device is not None:
+        return build_device_loader(rows, sampler, batch_size, cfg.data.workers, device, drop_last=drop_last,
+                                   worker_seed=cfg.run.seed)
+    return build_loader(rows, sampler, batch_size, cfg.data.workers, pin_memory=engine.device.type == "cuda",
+                        drop_last=drop_last, worker_seed=cfg.run.seed)
+
+
 def build_data(cfg: RecipeConfig, plan: BatchPlan, engine) -> Data:
     d = cfg.data
     ensure_generated(cfg, engine)
     # source=hf reads a name from the local HF cache (data.hf_name) or a dataset directory (data.root).
     root, kw = (d.hf_name or d.root, {"allow_download": d.allow_download}) if d.source == "hf" else (d.root, {})
     train_set = build_dataset(d.source, root, "train",
-                              train_transform(d.image_size, scale=(d.crop_min_area, 1.0), color_jitter=d.color_jitter,
-                                              pca_lighting=d.pca_lighting), **kw)
+                              TrainDecode(d.image_size, scale=(d.crop_min_area, 1.0), color_jitter=d.color_jitter,
+                                          pca_lighting=d.pca_lighting, draft=d.decode_draft), **kw)
     sampler = EpochShuffleSampler(len(train_set), engine.world_size, engine.rank, seed=cfg.run.seed,
                                   batch_size=plan.per_device_batch_size, accumulation_steps=plan.accumulation_steps)
-    pin = engine.device.type == "cuda"
-    train_loader = build_loader(EpochSeededDataset(train_set, cfg.run.seed, d.bad_images), EpochTaggedSampler(sampler),
-                                plan.per_device_batch_size, d.workers, pin_memory=pin, drop_last=True,
-                                worker_seed=cfg.run.seed)
+    device = decode_device(cfg, engine)
+    train_loader = _loader(EpochSeededDataset(train_set, cfg.run.seed, d.bad_images), EpochTaggedSampler(sampler),
+                           plan.per_device_batch_size, cfg, engine, device, drop_last=True)
     val_loader, num_val = None, 0
     if cfg.run.eval_every_epochs:
-        val_set = build_dataset(d.source, root, "val", eval_transform(d.image_size), **kw)
+        val_set = build_dataset(d.source, root, "val", EvalDecode(d.image_size, draft=d.decode_draft), **kw)
         num_val = len(val_set)
         # Every validation image exactly once across ranks: no padding, no drop.
         val_sampler = EpochShuffleSampler(num_val, engine.world_size, engine.rank, drop_last=False, shuffle=False,
                                           batch_size=d.eval_batch_size or plan.per_device_batch_size)
-        val_loader = build_loader(FlaggedDataset(val_set, d.bad_images), val_sampler, val_sampler.batch_size,
-                                  d.workers, pin_memory=pin, worker_seed=cfg.run.seed)
+        val_loader = _loader(FlaggedDataset(val_set, d.bad_images), val_sampler, val_sampler.batch_size, cfg, engine,
+                             device)
     return Data(train_loader, sampler, val_loader, train_set.num_classes, len(train_set), num_val)

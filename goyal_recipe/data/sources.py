@@ -1,6 +1,7 @@
 """Image classification sources: ImageNet folders, parquet/arrow shards, Hugging Face datasets.
 
-Every source yields ``(transform(rgb_pil_image), label)``, exposes ``classes``, ``num_classes``
+Every source yields ``(transform(rgb_pil_image), label)`` (``transform(EncodedImage)`` for a
+transform that decodes itself, e.g. to draft JPEGs), exposes ``classes``, ``num_classes``
 and ``targets``, and maps labels by sorted synset (the ImageNet and HF ``imagenet-1k`` order), so
 one image gets one label whichever copy it is read from. Sources open files lazily, so they can be
 pickled into DataLoader worker processes. An image that cannot be decoded raises `BadImageError`
@@ -73,24 +74,61 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # also forces the decode, so the source file may be closed after
 
 
-def rgb_loader(path: str) -> Image.Image:
-    """Folder loader: decode with PIL, always RGB; `BadImageError` naming the path if it cannot."""
+def read_bytes(path: str) -> bytes:
+    """The file's bytes; `BadImageError` naming the path if it cannot be read."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
         raise BadImageError.at(path, f"unreadable ({e.strerror})") from None
-    return decode_rgb(data, path)
+
+
+def rgb_loader(path: str) -> Image.Image:
+    """Folder loader: decode with PIL, always RGB; `BadImageError` naming the path if it cannot."""
+    return decode_rgb(read_bytes(path), path)
+
+
+class EncodedImage:
+    """Image bytes not decoded yet, and the name a decode error reports.
+
+    What a source hands to a transform with ``decodes_itself = True`` (data/decode.py) instead of an
+    RGB image, so that the transform can read the header first and decode at reduced size.
+    """
+
+    __slots__ = ("data", "name")
+
+    def __init__(self, data: bytes, name: str = "<image bytes>"):
+        self.data, self.name = data, name
+
+    def open(self) -> Image.Image:
+        """The image with only its header read (size, mode, format); `BadImageError` if PIL cannot."""
+        if not self.data:
+            raise BadImageError.at(self.name, "empty file (0 bytes)")
+        try:
+            return Image.open(io.BytesIO(self.data))
+        except _DECODE_ERRORS as e:
+            raise BadImageError.at(self.name, _reason(e)) from None
+
+    def decode(self, image: Image.Image) -> Image.Image:
+        """The pixels of `image` (from `open`, drafted or not) as RGB; `BadImageError` if they cannot be decoded."""
+        try:
+            image.load()
+            return image if image.mode == "RGB" else to_rgb(image)
+        except _DECODE_ERRORS as e:
+            raise BadImageError.at(self.name, _reason(e)) from None
 
 
 def decode_rgb(data: bytes, name: str = "<image bytes>") -> Image.Image:
     """Decode encoded image bytes (any PIL format) to an RGB image; `BadImageError` naming `name` if it cannot."""
-    if not data:
-        raise BadImageError.at(name, "empty file (0 bytes)")
-    try:
-        return to_rgb(Image.open(io.BytesIO(data)))
-    except _DECODE_ERRORS as e:
-        raise BadImageError.at(name, _reason(e)) from None
+    encoded = EncodedImage(data, name)
+    return encoded.decode(encoded.open())
+
+
+def transform_input(transform: Callable | None, data: bytes, name: str):
+    """What `transform` takes: the `EncodedImage` for a transform that decodes itself, else the RGB image."""
+    if getattr(transform, "decodes_itself", False):
+        return EncodedImage(data, name)
+    return decode_rgb(data, name)
 
 
 _reported: set[str] = set()  # per process: warn once per bad image, not once per epoch
@@ -160,6 +198,11 @@ class ImageFolderSource(ImageFolder):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = transform_input(self.transform, read_bytes(path), path)
+        return (image if self.transform is None else self.transform(image)), target
 
 
 def _split_files(directory: Path, split: str) -> list[Path]:
@@ -344,12 +387,12 @@ class ParquetSource(_ClassList, Dataset):
         return f"{self.files[fi]}#{index - first}" + (f" ({name})" if name else "")
 
     def __getitem__(self, index: int):
-        try:
-            image = decode_rgb(self.image_bytes(index))
+        try:  # a transform that decodes itself raises BadImageError too
+            image = transform_input(self.transform, self.image_bytes(index), "<image bytes>")
+            if self.transform is not None:
+                image = self.transform(image)
         except BadImageError as e:  # the row is named only on failure: it scans the row groups
             raise BadImageError.at(self.location(index), e.reason) from None
-        if self.transform is not None:
-            image = self.transform(image)
         return image, int(self.targets[index])
 
 
@@ -472,10 +515,11 @@ class HFSource(_ClassList, Dataset):
         cell = self.dataset[int(index)][self.image_column]
         data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
         if data is None and path:
-            image = rgb_loader(path)
+            data, name = read_bytes(path), path
         else:
             name = f"{getattr(self.dataset.info, 'dataset_name', None) or 'dataset'} row {int(index)}"
-            image = decode_rgb(data, name + (f" ({path})" if path else ""))
+            name += f" ({path})" if path else ""
+        image = transform_input(self.transform, data, name)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])

@@ -36,9 +36,15 @@ class Lighting(torch.nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if self.alphastd == 0:
             return img
-        alpha = torch.randn(3) * self.alphastd  # global torch RNG: seeded per DataLoader worker
-        rgb = self.eigvec.to(img.dtype) @ (alpha * self.eigval).to(img.dtype)
-        return img + rgb.view(3, 1, 1)
+        return img + self.rgb_shift(self.draw_alpha()).to(img.dtype)
+
+    def draw_alpha(self) -> torch.Tensor:
+        """alpha ~ N(0, alphastd), 3 values, from the global torch RNG (seeded per sample by the pipeline)."""
+        return torch.randn(3) * self.alphastd
+
+    def rgb_shift(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The (3, 1, 1) offset added to every pixel for this alpha."""
+        return (self.eigvec @ (alpha.to(self.eigval) * self.eigval)).view(3, 1, 1)
 
     def extra_repr(self) -> str:
         return f"alphastd={self.alphastd}"
