@@ -34,9 +34,9 @@ def overrides(data_root, run_dir, name, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def train(args, launcher="python", expect_ok=True, cpu=True):
+def train(args, launcher="python", expect_ok=True, cpu=True, extra_env=None):
     """launcher: python (1 process), accelerate (2 processes), deepspeed (2 processes), accelerate-deepspeed."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra_env or {}))
     if cpu:
         env.update(ACCELERATE_USE_CPU="1", DS_ACCELERATOR="cpu")
     module = ["-m", "goyal_recipe.cli", "train", str(RECIPE), *args]

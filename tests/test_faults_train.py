@@ -1,5 +1,6 @@
 """Faults during training: non-finite updates, kills, interrupted checkpoints, hostile checkpoints."""
 
+import importlib.util
 import os
 import pickle
 import random
@@ -14,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _runs import BIN, EXPECTED_LR, RECIPE, REPO, overrides, parameters, records, samples_by_epoch, \
-    step_losses, train
+from _runs import BIN, BUFFERS, EXPECTED_LR, RECIPE, REPO, free_port, overrides, parameters, records, \
+    samples_by_epoch, step_losses, train
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,20 @@ def assert_same_run(run_dir, reference, rel=1e-6):
 
 def test_nonfinite_updates_are_skipped_by_every_rank(data_root, tmp_path):
     # The last rank's loss is NaN at iterations 3, 6 and 7: both ranks drop those updates.
-    train(overrides(data_root, tmp_path, "nan", **{"run.inject_nonfinite_updates": "[3,6,7]"}), launcher="accelerate")
+    train(overrides(data_root, tmp_path, "nan", **{"run.inject_nonfinite_updates": "[3,6,7]",
+                                                   "run.checkpoint_every_updates": 1, "run.keep_checkpoints": 12}),
+          launcher="accelerate")
     run_dir = tmp_path / "nan"
+    # A skipped update leaves the model as it was, BN running statistics included: the state saved
+    # after it (rank 0's, whose loss was finite and whose forward moved its statistics) is the state
+    # saved before it, to the bit. Updates 2->3 and 5->6->7 are inside one epoch (no buffer averaging).
+    state = {n: load_file(run_dir / "checkpoints" / f"update_{n:09d}" / "model.safetensors") for n in (1, 2, 3, 5, 6, 7)}
+    bn = [key for key in state[1] if key.endswith(BUFFERS)]
+    assert len(bn) == 3 * 14  # resnet10t: 14 BN layers, running_mean / running_var / num_batches_tracked
+    assert not any(torch.equal(state[1][key], state[2][key]) for key in bn)  # an applied update moves them all
+    for before, after in ((2, 3), (5, 6), (5, 7)):
+        for key, value in state[before].items():
+            assert torch.equal(state[after][key], value), (before, after, key)
     assert [r["update"] for r in records(run_dir, "skip")] == [3, 6, 7]
     steps = records(run_dir, "step")
     assert [r["update"] for r in steps] == [1, 2, 4, 5, 8, 9, 10, 11, 12]
@@ -59,9 +72,8 @@ def test_too_many_nonfinite_updates_stop_with_the_weights_from_before(data_root,
     before, after = (tmp_path / "nan" / "checkpoints" / f"update_00000000{n}" for n in (4, 8))
     assert (after / "COMPLETE").is_file()
     weights_before, weights_after = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
-    for key, value in weights_before.items():
-        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
-            assert torch.equal(value, weights_after[key]), key  # no skipped update touched a weight
+    for key, value in weights_before.items():  # BN running statistics too: this rank's loss was the NaN one
+        assert torch.equal(value, weights_after[key]), key  # no skipped update touched the model
     momentum = [torch.load(d / "optimizer.pt", weights_only=True)["state"] for d in (before, after)]
     for index, state in momentum[0].items():
         assert torch.equal(state["momentum_buffer"], momentum[1][index]["momentum_buffer"])
@@ -169,4 +181,48 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(data_root, tmp_path):
     assert proc.wait(timeout=120) != 0
     assert time.time() - killed_at < 60
     assert not Path(f"/proc/{survivor}").exists() or b"State:\tZ" in Path(f"/proc/{survivor}/status").read_bytes()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("engine,stop", [
+    ("accelerate", signal.SIGKILL),
+    ("accelerate", signal.SIGSTOP),
+    pytest.param("deepspeed", signal.SIGSTOP, marks=pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")),
+], ids=["accelerate-sigkill", "accelerate-sigstop", "deepspeed-sigstop"])
+def test_collective_timeout_without_a_launcher(data_root, tmp_path, engine, stop):
+    """Two plain processes that no launcher watches; rank 1 dies (SIGKILL) or stalls (SIGSTOP) mid-run. Rank 0
+    fails instead of hanging: a dead peer's closed sockets fail its next collective at once, a stalled peer's
+    open ones only through run.collective_timeout_s, which DeepSpeed's gradient all-reduce must honour too."""
+    timeout_s = 20
+    args = overrides(data_root, tmp_path, "run", engine=engine,
+                     **{"run.collective_timeout_s": timeout_s, "optim.epochs": 50})  # 200 updates: still running when stopped
+    port = free_port()
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    ranks = []
+    for rank, log in enumerate(logs):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", DS_ACCELERATOR="cpu",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        with open(log, "w") as out:
+            ranks.append(subprocess.Popen([sys.executable, "-m", "goyal_recipe.cli", "train", str(RECIPE), *args],
+                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        wait_for_update(tmp_path / "run", 3, ranks[0])
+        ranks[1].send_signal(stop)
+        stopped_at = time.time()
+        returncode = ranks[0].wait(timeout=timeout_s + 60)
+        waited_s = time.time() - stopped_at
+    finally:
+        for proc in ranks:  # SIGKILL also ends a stopped process
+            proc.kill()
+            proc.wait()
+        for rank, log in enumerate(logs):  # shown by pytest if the test fails
+            print(f"--- rank {rank}:\n{log.read_text()[-3000:]}")
+    assert returncode != 0
+    if stop == signal.SIGSTOP:
+        # rank 0 may have been waiting up to an update longer than the signal is old
+        assert timeout_s - 5 < waited_s < timeout_s + 15, waited_s
+        assert f"Timed out waiting {timeout_s * 1000}ms" in logs[0].read_text()
+    else:
+        assert waited_s < timeout_s, waited_s
     assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -100,3 +100,45 @@ def test_build_optimizer_kinds():
     assert isinstance(build_optimizer(model, "folded_sgd"), LRFoldedSGD)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         build_optimizer(model, "adam")
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("correction", [False, True])
+def test_lr_folded_sgd_foreach_equals_the_per_tensor_loop(nesterov, correction):
+    def folded(foreach):
+        return lambda m: LRFoldedSGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=nesterov,
+                                     momentum_correction=correction, foreach=foreach)
+
+    # 50 updates through warmup and two decays: the same operations in the same order, to the bit.
+    assert torch.equal(run_trajectory(folded(True)), run_trajectory(folded(False)))
+
+
+def test_lr_folded_sgd_foreach_with_tensors_joining_late():
+    """A tensor without gradient in the first update starts its velocity later than the others of its group."""
+    def run(foreach):
+        torch.manual_seed(2)
+        early, late = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+        opt = LRFoldedSGD([early, late], lr=0.5, momentum=0.9, weight_decay=1e-2, nesterov=True, foreach=foreach)
+        for update, lr in enumerate((0.5, 1.0, 0.25)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = early.pow(2).sum() + (late.pow(3).sum() if update else 0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return torch.cat([early.detach(), late.detach()]), opt.state[late]["lr"]
+
+    (foreach, late_lr), (loop, _) = run(True), run(False)
+    assert torch.equal(foreach, loop) and late_lr == 0.25
+
+
+def test_build_optimizer_takes_the_fast_path():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    sgd = build_optimizer(model, "sgd")  # CPU parameters: foreach (fused is for CUDA ones)
+    assert sgd.defaults["foreach"] is True and not sgd.defaults["fused"]
+    assert build_optimizer(model, "sgd", foreach=False).defaults["foreach"] is False
+    assert build_optimizer(model, "folded_sgd").defaults["foreach"] is True
+    assert build_optimizer(model, "folded_sgd", foreach=False).defaults["foreach"] is False
+    if torch.cuda.is_available():
+        fused = build_optimizer(model.cuda(), "sgd")
+        assert fused.defaults["fused"] is True and not fused.defaults["foreach"]

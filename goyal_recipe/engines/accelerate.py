@@ -80,11 +80,13 @@ class AccelerateEngine(Engine):
         """Drop the update: weights and optimizer state stay as they are."""
         optimizer.zero_grad(set_to_none=True)
 
-    def step(self, model, optimizer) -> None:
+    def step(self, model, optimizer) -> bool:
+        """Clip, update, clear gradients; returns whether the update was applied."""
         if self.grad_clip_norm:
             self.accelerator.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return not optimizer.step_was_skipped  # only an fp16 GradScaler skips, and the recipe has none
 
     def save_state(self, directory: Path, model, optimizer) -> None:
         """Model as safetensors and optimizer state, from the main process (ranks hold equal copies)."""

@@ -14,6 +14,7 @@ update and checkpoints. What DeepSpeed could also do, the recipe does instead:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import groups as ds_groups
 
 from ..config import ConfigError, RecipeConfig, plan_batches
 from .base import Engine
@@ -95,7 +97,14 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(f"the accelerate config says zero_stage={plugin_stage} but the recipe has "
                               f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them agree")
         _single_process_env()
-        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.run.collective_timeout_s))
+        timeout = timedelta(seconds=cfg.run.collective_timeout_s)
+        deepspeed.init_distributed(timeout=timeout)
+        # DeepSpeed reduces gradients over its own copy of the world group, which it makes with
+        # dist.new_group(ranks) and no timeout: torch then gives it the backend's default (30 min
+        # for gloo, 10 for NCCL), and a rank waiting on a dead or stalled peer there ignores
+        # run.collective_timeout_s. Made first here with the run's timeout, it is the one DeepSpeed uses.
+        if ds_groups._WORLD_GROUP is None:
+            ds_groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
         self.cfg = cfg
         accelerator = get_accelerator()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -122,22 +131,45 @@ class DeepSpeedEngine(Engine):
     def unwrap(self, model):
         return getattr(model, "module", model)
 
+    def micro_batch(self, model, last: bool):
+        """The recipe owns the accumulation boundary (DeepSpeed's manual mode, set before each forward) rather
+        than DeepSpeed's micro-step counter: a skipped update can then end without an optimizer step and the
+        boundary of the next update is still its last micro-batch. DeepSpeed reduces gradients at the boundary."""
+        self._engine.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
         engine = self._engine
         engine.backward(loss, scale_wrt_gas=False)
         if not engine.is_gradient_accumulation_boundary():
             engine.step()  # only counts the micro-batch; the update is `step` below
 
-    # micro_batch: DeepSpeed all-reduces at its accumulation boundary by itself. grads_finite: ZeRO-1
-    # moves reduced gradients out of .grad, so there the loss check of TrainStep is what applies.
+    # grads_finite: ZeRO-1 moves reduced gradients out of .grad into its partition buffers, so there the
+    # loss check of TrainStep and DeepSpeed's own check of the gradient norm (in `step`) are what apply.
 
     def skip(self, model, optimizer) -> None:
-        raise FloatingPointError("non-finite loss or gradient under engine=deepspeed, which cannot drop an update "
-                                 "(its fp32 path has no skip); resume=auto continues from the last checkpoint, "
-                                 "or lower optim.base_lr")
+        """Drop the update: weights, momentum and GoyalLR's count stay, gradients are cleared, and DeepSpeed
+        counts the update as skipped (global_steps and skipped_steps, as after its own overflow skips)."""
+        engine = self._engine
+        if engine.zero_optimization():
+            # ZeRO-1 holds the reduced gradients in its own buffers, which only its step() clears: its
+            # overflow path (a non-finite gradient norm) drops the update without the client optimizer's step.
+            if self.step(model, optimizer):
+                raise FloatingPointError(
+                    "a loss was non-finite but DeepSpeed ZeRO-1 found the gradients finite and applied the update; "
+                    "resume=auto continues from the last checkpoint; lower optim.base_lr or use deepspeed.zero_stage=0")
+            return
+        engine.zero_grad()  # ZeRO-0: the reduced gradients are the parameters' .grad
+        engine.set_gradient_accumulation_boundary(False)
+        engine.step()  # counts the micro-batch, updates nothing
+        engine.global_steps += 1
+        engine.global_samples += engine.train_batch_size()
+        engine.skipped_steps += 1
 
-    def step(self, model, optimizer) -> None:
-        self._engine.step()  # the accumulation boundary: clip, update, zero
+    def step(self, model, optimizer) -> bool:
+        """The accumulation boundary: clip, update, zero; returns whether DeepSpeed applied the update."""
+        self._engine.step()
+        return self._engine.was_step_applied()
 
     def save_state(self, directory: Path, model, optimizer) -> None:
         model.save_checkpoint(str(directory), tag=_TAG, save_latest=False)  # collective: every rank writes its part
