@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 from .config import ConfigError, load_config
 from .metrics import read_jsonl
+from .report import figure_axes, save_figure
 from .schedule import scaled_lr
 
 BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "replication" / "base.yaml"
@@ -363,12 +364,7 @@ def markdown_tables(mode: Mode, summary: dict[str, dict]) -> list[str]:
 def plot_error_vs_kn(mode: Mode, summary: dict[str, dict], path: Path) -> Path:
     """Left: our error against kn (mean +- std over seeds). Right: error above each study's baseline against
     updates per epoch, ours and the paper's, so the two scales meet on the quantity that sets the regime."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
+    fig, (left, right) = figure_axes(ncols=2, figsize=(11, 4.2))
     points = [summary[Setting(kn).name] for kn in mode.sweep_kn]
     points = [p for p in points if p["mean"] is not None]
     if points:
@@ -388,23 +384,12 @@ def plot_error_vs_kn(mode: Mode, summary: dict[str, dict], path: Path) -> Path:
     right.set(xscale="log", xlabel="updates per epoch (log; larger kn to the right)",
               ylabel="error above the study's baseline (points)", title="the regime: updates per epoch")
     right.invert_xaxis()
-    for ax in (left, right):
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, [left, right], path, legend_fontsize=8)
 
 
 def plot_curves(summary: dict[str, dict], settings: Sequence[tuple[str, Setting]], title: str, path: Path) -> Path:
     """Mean training error per epoch of several settings (the paper's Fig. 2 and 4), validation dotted."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, (ax,) = figure_axes()
     for i, (label, setting) in enumerate(settings):
         curves = summary[setting.name]["curves"]
         for key, style, suffix in (("train_top1_error", "-", "train"), ("val_top1_error", ":", "val")):
@@ -412,12 +397,7 @@ def plot_curves(summary: dict[str, dict], settings: Sequence[tuple[str, Setting]
                 xs, ys = zip(*curves[key])
                 ax.plot(xs, ys, style, color=f"C{i}", label=f"{label} {suffix}")
     ax.set(xlabel="epochs", ylabel="top-1 error (%)", title=title)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, [ax], path, legend_fontsize=8)
 
 
 def write_report(mode_name: str, records: Sequence[dict], out_dir: Path, provenance: dict) -> list[Path]:

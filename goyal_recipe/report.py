@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from goyal_recipe.metrics import read_jsonl
 
-__all__ = ["NothingToPlotError", "RunCurves", "load_curves", "plot_run", "plot_overlay", "plot_main"]
+__all__ = ["NothingToPlotError", "RunCurves", "figure_axes", "load_curves", "plot_run", "plot_overlay", "plot_main",
+           "save_figure"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -98,24 +99,37 @@ def load_curves(run_dir: str | Path) -> RunCurves:
     )
 
 
-def _axes(xlabel: str, ylabel: str, title: str) -> tuple[Any, Any]:
+def figure_axes(ncols: int = 1, figsize: tuple[float, float] = (7, 4.5)) -> tuple[Any, list[Any]]:
+    """A figure on an Agg canvas with `ncols` gridded axes side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    fig = Figure(figsize=figsize, dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    axes = list(fig.subplots(1, ncols, squeeze=False)[0])
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig, axes
+
+
+def save_figure(fig: Any, axes: Sequence[Any], path: Path, legend_fontsize: float | None = None) -> Path:
+    """Legends where there are labelled lines, then the PNG (its directory made if needed)."""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_fontsize)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _axes(xlabel: str, ylabel: str, title: str) -> tuple[Any, Any]:
+    fig, (ax,) = figure_axes()
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(True, alpha=0.3)
     return fig, ax
 
 
 def _save(fig: Any, ax: Any, path: Path) -> Path:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, [ax], path)
 
 
 def _draw_error(ax: Any, curves: RunCurves, label: str | None = None, color: str | None = None) -> None:
