@@ -33,7 +33,6 @@ from typing import Any, Sequence
 from .config import ConfigError, load_config
 from .metrics import read_jsonl
 from .report import figure_axes, save_figure
-from .schedule import scaled_lr
 
 BASE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "replication" / "base.yaml"
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -133,11 +132,10 @@ def _listing(values: Sequence[Any]) -> str:
     return "[" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) + "]"
 
 
-def build_runs(mode_name: str, runs_dir: Path, seeds: Sequence[int] | None = None,
-               data_root: Path | None = None) -> list[Run]:
+def build_runs(mode_name: str, runs_dir: Path, seeds: Sequence[int] | None = None) -> list[Run]:
     """The runs of a mode: each setting once per seed, as overrides of the base recipe."""
     mode = MODES[mode_name]
-    data_root = data_root or Path("data") / "generated" / f"replication-{mode_name}"
+    data_root = Path("data") / "generated" / f"replication-{mode_name}"
     common = [f"data.root={data_root}", f"data.generate.train_per_class={mode.train_per_class}",
               f"data.generate.val_per_class={mode.val_per_class}", f"data.workers={mode.workers}",
               f"run.eval_every_epochs={mode.eval_every_epochs}",
@@ -199,8 +197,7 @@ def collect(mode_name: str, runs: Sequence[Run]) -> list[dict]:
             "name": run.name, "setting": asdict(run.setting), "seed": run.seed,
             "global_batch_size": run.setting.global_batch_size, "bn_group_size": cfg.model.bn_group_size,
             "bn_groups": run.setting.global_batch_size // cfg.model.bn_group_size,
-            "peak_lr": scaled_lr(cfg.optim.base_lr, run.setting.global_batch_size, cfg.optim.base_batch_size,
-                                 run.setting.scaling),
+            "peak_lr": cfg.schedule().peak_lr,
             "updates_per_epoch": header.get("updates_per_epoch"),
             "error": final_error(curve, mode), "train_s": max(times) - min(times) if times else None,
             "epochs": curve})
