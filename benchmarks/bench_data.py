@@ -1,17 +1,21 @@
 """Input-pipeline throughput: the trainer's training loader against torchvision ImageFolder + PIL + DataLoader.
 
-trainer:   `goyal_recipe.data.pipeline.build_data` for an imagefolder recipe, i.e. `ImageFolderSource`
-           + `TrainDecode` (crop planned from the JPEG header, draft decode when the crop allows it,
-           random-resized crop, flip, normalise) + `EpochSeededDataset` (augmentation seeded per sample)
-           + `EpochTaggedSampler(EpochShuffleSampler)` + `build_loader` (persistent workers, pinned
-           memory on CUDA); `--decode gpu` adds the device decode stage in this process.
+trainer:   `goyal_recipe.data.pipeline.build_data` for an imagefolder recipe, iterated as the trainer
+           iterates it: `ImageFolderSource` + `TrainDecode` in the workers (crop planned from the JPEG
+           header, draft decode when the crop allows it, random-resized crop, flip; uint8 out) +
+           `EpochSeededDataset` (augmentation seeded per sample) + `EpochTaggedSampler(EpochShuffleSampler)`
+           + `build_loader` (persistent workers, pinned memory on CUDA), then the stage in this process
+           that finishes each batch on --device (float, normalise); `--decode gpu`: the stage decodes too.
+trainer_workers: the same DataLoader without the stage: the batches as the workers hand them on
+           (uint8; with `--decode gpu` the bytes), i.e. the workers' ceiling when the stage runs on a GPU.
 reference: `torchvision.datasets.ImageFolder` with its default PIL loader and the same torchvision
            transforms, `DataLoader(shuffle=True)` (the PyTorch ImageNet example).
 
 Both read the same generated ImageNet-sized JPEGs (default 500x375, quality 90, written to
 benchmarks/.cache on first use). One repeat is one full epoch of each loader, interleaved; the
 first batches (worker start-up, at least one per worker) are not timed, the rest are. Nothing
-consumes the batches, so this is the loader's ceiling: img/s in total and per worker process.
+consumes the batches, so this is the loader's ceiling: img/s in total and per worker process (the
+trainer's stage runs in the main process, on the CPU with --device cpu, and is counted in its img/s).
 
     python benchmarks/bench_data.py --quick --device cpu
     python benchmarks/bench_data.py --workers 8 --batch-size 64 --classes 20 --per-class 200
@@ -51,8 +55,9 @@ class _LoaderEngine(SimpleNamespace):
         pass
 
 
-def trainer_loader(args, root: Path):
-    """The training loader the trainer builds for this data and these flags."""
+def trainer_loaders(args, root: Path) -> dict:
+    """The training loader the trainer builds for this data and these flags, as the trainer iterates it
+    (each batch through the stage to --device), and its DataLoader alone (the workers' batches)."""
     from goyal_recipe.config import RecipeConfig, plan_batches
     from goyal_recipe.data.pipeline import build_data
 
@@ -65,13 +70,16 @@ def trainer_loader(args, root: Path):
     })
     engine = _LoaderEngine(world_size=1, rank=0, is_main=True, device=torch.device(args.device))
     data = build_data(cfg, plan_batches(cfg, 1), engine)
-    epoch = iter(range(1_000_000))
+    epochs = iter(range(1_000_000))
 
-    def one_epoch():
-        data.train_sampler.set_epoch(next(epoch))
-        return iter(data.train_loader)
+    def epoch_of(loader):
+        def one_epoch():
+            data.train_sampler.set_epoch(next(epochs))
+            return iter(loader)
 
-    return one_epoch
+        return one_epoch
+
+    return {"trainer": epoch_of(data.train_loader), "trainer_workers": epoch_of(data.train_loader.loader)}
 
 
 def reference_loader(args, root: Path):
@@ -116,7 +124,7 @@ def main(argv=None):
     if timed < 1:
         raise SystemExit(f"{len(files)} images make {batches_per_epoch} batches of {args.batch_size}: not more than "
                          f"the {warmup} warmup batches; raise --per-class or --classes")
-    loaders = {"trainer": trainer_loader(args, root), "reference": reference_loader(args, root)}
+    loaders = {**trainer_loaders(args, root), "reference": reference_loader(args, root)}
     seconds = time_epochs(loaders, warmup, args.repeats, args.device)
 
     images = timed * args.batch_size
@@ -127,9 +135,11 @@ def main(argv=None):
         per_worker = common.summary([images / s / processes for s in secs])
         variants[name] = {"img_per_s": total, "img_per_s_per_worker": per_worker}
         rows.append([name, common.spread(total), common.spread(per_worker)])
-    ratio = common.summary([r / t for t, r in zip(seconds["trainer"], seconds["reference"])])
+    ratios = {name: common.summary([r / t for t, r in zip(seconds[name], seconds["reference"])])
+              for name in ("trainer", "trainer_workers")}
     mean_bytes = sum(f.stat().st_size for f in files) / len(files)
-    derived = {"ratio_trainer_over_reference": ratio, "mean_jpeg_bytes": mean_bytes}
+    derived = {"ratio_trainer_over_reference": ratios["trainer"],
+               "ratio_trainer_workers_over_reference": ratios["trainer_workers"], "mean_jpeg_bytes": mean_bytes}
     record = common.make_record(common.script_name(__file__), args, variants, derived,
                                 {"data_dir": str(root), "images": len(files), "warmup_batches": warmup,
                                  "timed_batches": timed})
@@ -138,7 +148,8 @@ def main(argv=None):
         f"{len(files)} JPEGs {args.source_size} q{args.jpeg_quality} ({mean_bytes / 1e3:.0f} kB mean) -> "
         f"{args.image_size}px crops, batch {args.batch_size}, {args.workers} workers: median [min, max] of "
         f"{args.repeats} epochs x {timed} timed batches", ["loader", "img/s", "img/s per worker"], rows)
-    print(f"trainer / reference img/s: {common.spread(ratio, '{:.3f}')}")
+    print(f"trainer / reference img/s: {common.spread(ratios['trainer'], '{:.3f}')} (with the stage on "
+          f"{args.device}); trainer_workers / reference: {common.spread(ratios['trainer_workers'], '{:.3f}')}")
     common.finish(record, args.results)
 
 

@@ -96,11 +96,13 @@ class DataConfig(_Section):
     same RNG draws) is unchanged and the pixels differ by resampling noise only. false: always full size."""
     decode: Literal["cpu", "gpu"] = "cpu"
     """Where JPEGs are decoded. cpu: in the loader workers (libjpeg-turbo via torchvision or, drafted and for
-    other formats, PIL). gpu: workers read the bytes and draw the crop; the main process decodes each batch
-    on the training device with nvjpeg (torchvision.io.decode_jpeg) and crops, resizes, flips and normalises
-    there, taking the cpu path (same crop) for files it cannot decode (CMYK, PNG, corrupt). Without CUDA the
-    stage runs on the CPU after a one-line warning: the same images (so a GPU recipe can be tried on a CPU
-    machine), but slower than cpu, as one process decodes what the workers would."""
+    other formats, PIL), which hand uint8 crops to the main process; each batch is converted to float, lit
+    (data.pca_lighting, with the workers' draws) and normalised on the training device. gpu: workers read
+    the bytes and draw the crop; the main process decodes each batch on the training device with nvjpeg
+    (torchvision.io.decode_jpeg) and crops, resizes, flips and normalises there, taking the cpu path (same
+    crop) for files it cannot decode (CMYK, PNG, corrupt). Without CUDA the stage runs on the CPU after a
+    one-line warning: the same images (so a GPU recipe can be tried on a CPU machine), but slower than cpu,
+    as one process decodes what the workers would."""
 
 
 class ModelConfig(_Section):

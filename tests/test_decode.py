@@ -7,6 +7,10 @@ benchmark's 64 images (at 224 px nothing is drafted on these: a crop is at most 
 scale: PIL's bicubic vs its bilinear filter on the same crops differ by 0.66, Lanczos 1.05, box
 1.77, and a crop drawn from another seed by 37 (median). torch's antialiased resize vs PIL's (no
 draft, `TrainDecode` vs `train_transform`): 0.03 mean, 0.25 worst.
+
+The uint8 transport (workers hand on uint8 pixels and lighting draws, the batch is finished on the
+device) changes no number on the CPU: its batches equal the float path's exactly. On CUDA the
+division by 255 goes through its reciprocal: within CUDA_FINISH_ATOL.
 """
 
 import io
@@ -20,15 +24,19 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from goyal_recipe.config import load_config, plan_batches
 from goyal_recipe.data import (
+    IMAGENET_MEAN,
     IMAGENET_STD,
     BadImageError,
     EncodedImage,
     EvalDecode,
     Plan,
+    Lighting,
     TrainDecode,
+    build_dataset,
     decode_rgb,
     device_decode,
     draft_reduction,
@@ -36,12 +44,14 @@ from goyal_recipe.data import (
     generate_dataset,
     train_transform,
 )
-from goyal_recipe.data.device_decode import DecodedLoader, DeferJpegs, Deferred
-from goyal_recipe.data.pipeline import build_data
+from goyal_recipe.data.device_decode import DeferJpegs, Deferred, StagedLoader
+from goyal_recipe.data.pipeline import EpochSeededDataset, FlaggedDataset, build_data
 
 DRAFT_MEAN_BOUND = 2.0  # measured 1.19
 DRAFT_WORST_BOUND = 4.0  # measured 2.63
 RESAMPLER_WORST_BOUND = 0.5  # torch vs PIL antialiased bilinear; measured 0.25
+# x * (1/255) in place of x / 255: an ulp of a value in [0, 1] (6e-8), times 1/std (4.5), plus rounding.
+CUDA_FINISH_ATOL = 1e-6
 STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
 
@@ -261,7 +271,7 @@ def test_gpu_decode_on_cpu_gives_the_cpu_paths_batches(salted, workers):
     overrides = [f"data.workers={workers}", "data.bad_images=skip", "data.decode_draft=false"]
     cpu = _epoch(_data(salted, *overrides))
     gpu_data = _data(salted, *overrides, "data.decode=gpu")
-    assert isinstance(gpu_data.train_loader, DecodedLoader) and len(gpu_data.train_loader) == 2
+    assert isinstance(gpu_data.train_loader, StagedLoader) and len(gpu_data.train_loader) == 2
     gpu = _epoch(gpu_data)
     assert len(cpu) == len(gpu) == 2  # 22 training images
     for (xc, yc, ic, bc), (xg, yg, ig, bg) in zip(cpu, gpu):
@@ -302,7 +312,8 @@ def test_files_the_device_cannot_decode_take_the_cpu_path(salted):
         if isinstance(out, Deferred):  # bytes and the plan go on to the device stage
             assert out.data == path.read_bytes() and out.plan == seeded(3, transform.plan, *Image.open(path).size)
         else:  # decoded in the worker by the cpu path, under the plan drawn before the choice
-            assert torch.equal(out, seeded(3, transform, EncodedImage(path.read_bytes(), str(path))))
+            pixels, alpha = seeded(3, transform.placed, EncodedImage(path.read_bytes(), str(path)))
+            assert torch.equal(out.pixels, pixels) and torch.equal(out.lighting_alpha, alpha)
 
 
 def test_a_jpeg_the_device_rejects_is_redone_on_the_cpu(salted, monkeypatch):
@@ -356,3 +367,89 @@ def test_gpu_decode_on_cuda(salted, imagenet_sized, tmp_path):
     diffs += [mad(a, b) for (xc, *_), (xg, *_) in zip(cpu, gpu) for a, b in zip(xc, xg.cpu())]
     assert len(diffs) == 22 + 16 and len(val) == 7
     assert np.mean(diffs + val) < DRAFT_MEAN_BOUND and max(diffs + val) < DRAFT_WORST_BOUND
+
+
+# ---------------------------------------------------------------- uint8 transport: workers hand on uint8, the stage finishes
+
+
+@pytest.mark.parametrize("lighting", [0.0, 0.1])
+def test_finish_is_totensor_lighting_normalize(lighting):
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (5, 3, 12, 10), dtype=torch.uint8, generator=gen)
+    alphas = torch.randn(5, 3, generator=gen) * lighting
+    out = TrainDecode(12, pca_lighting=lighting).finish(pixels, alphas)
+    assert out.dtype == torch.float32 and out.shape == (5, 3, 12, 10)
+    for x, alpha, y in zip(pixels, alphas, out):
+        expected = TF.to_tensor(x.permute(1, 2, 0).numpy())  # ToTensor of the HWC uint8 image
+        if lighting:
+            expected = expected + Lighting(lighting).rgb_shift(alpha)
+        assert torch.equal(y, T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(expected))  # batched: the same floats
+
+
+def _float_path(data, root, seed: int):
+    """The float path as workers ran it before the uint8 transport: the source's DecodeTransform called per
+    sample (decode to normalise in one), seeded per sample; (train rows by (epoch, index), val rows)."""
+    train = build_dataset("imagefolder", root, "train", data.train_loader.stage.transform)
+    val = build_dataset("imagefolder", root, "val", data.val_loader.stage.transform)
+    return EpochSeededDataset(train, seed, "skip"), FlaggedDataset(val, "skip")
+
+
+@pytest.mark.parametrize("augment", [[], ["data.color_jitter=0.4", "data.pca_lighting=0.1"]],
+                         ids=["crop+flip", "jitter+lighting"])
+@pytest.mark.parametrize("decode", [["data.decode=cpu"], ["data.decode=gpu", "data.decode_draft=false"]],
+                         ids=["cpu", "gpu"])
+def test_uint8_batches_equal_the_float_path(salted, decode, augment):
+    data = _data(salted, "data.workers=2", "data.bad_images=skip", "run.seed=5", *decode, *augment)
+    train_rows, val_rows = _float_path(data, salted, seed=5)
+    batches = _epoch(data, epoch=1)
+    assert len(batches) == 2
+    for images, labels, index, bad in batches:
+        rows = [train_rows[(1, int(i))] for i in index]
+        assert images.dtype == torch.float32 and images.device.type == "cpu" and images.shape == (11, 3, 16, 16)
+        assert torch.equal(images, torch.stack([row[0] for row in rows]))  # exact: same pixels and arithmetic
+        assert labels.tolist() == [row[1] for row in rows] and bad.tolist() == [row[3] for row in rows]
+    val = list(data.val_loader)
+    assert torch.equal(torch.cat([x for x, *_ in val]), torch.stack([row[0] for row in val_rows]))
+    assert torch.cat([b for *_, b in val]).tolist() == [row[2] for row in val_rows]
+
+
+def test_the_stage_applies_the_lighting_the_workers_drew(salted):
+    data = _data(salted, "data.workers=2", "data.bad_images=skip", "data.pca_lighting=0.1")
+    data.train_sampler.set_epoch(0)
+    batch = next(iter(data.train_loader.loader))  # as the workers hand it on, before the stage
+    placed, *columns = batch
+    assert placed.pixels.dtype == torch.uint8 and placed.pixels.shape == (11, 3, 16, 16)
+    assert placed.lighting_alpha.dtype == torch.float32 and placed.lighting_alpha.shape == (11, 3)
+    assert bool((placed.lighting_alpha != 0).all())
+    rng = torch.get_rng_state()
+    images, *rest = data.train_loader.stage(batch)
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing is drawn in the stage
+    assert all(torch.equal(a, b) for a, b in zip(rest, columns))
+    transform = data.train_loader.stage.transform
+    assert not torch.equal(images, transform.finish(placed.pixels, torch.zeros(11, 3)))  # the draws do count
+    one_by_one = [transform.finish(x[None], alpha[None])[0] for x, alpha in zip(*placed)]
+    assert torch.equal(images, torch.stack(one_by_one))
+
+
+def test_uint8_batches_are_pinned_for_cuda(salted):
+    cpu = _data(salted, "data.workers=0", "data.bad_images=skip")
+    assert isinstance(cpu.train_loader, StagedLoader) and cpu.train_loader.loader.pin_memory is False
+    # Built, not iterated: nothing touches CUDA yet.
+    for decode in ("cpu", "gpu"):
+        cuda = _data(salted, "data.workers=0", "data.bad_images=skip", f"data.decode={decode}", device="cuda")
+        for loader in (cuda.train_loader, cuda.val_loader):
+            assert loader.loader.pin_memory is True and loader.stage.device == torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_uint8_transport_on_cuda(salted):
+    # Not run on a GPU when written.
+    overrides = ["data.workers=2", "data.bad_images=skip", "data.color_jitter=0.4", "data.pca_lighting=0.1"]
+    cpu, cuda = _data(salted, *overrides), _data(salted, *overrides, device="cuda")
+    for (xc, yc, ic, bc), (xg, yg, ig, bg) in zip(_epoch(cpu), _epoch(cuda), strict=True):
+        assert xg.device.type == "cuda" and xg.dtype == torch.float32 and xg.shape == xc.shape
+        assert torch.equal(yc, yg) and torch.equal(ic, ig) and torch.equal(bc, bg)
+        assert (xg.cpu() - xc).abs().max().item() <= CUDA_FINISH_ATOL
+    for (xc, *_), (xg, *_) in zip(cpu.val_loader, cuda.val_loader, strict=True):
+        assert (xg.cpu() - xc).abs().max().item() <= CUDA_FINISH_ATOL

@@ -1,5 +1,12 @@
 """The trainer's transforms as one step from encoded bytes: plan the crop from the header, decode
-(at reduced size when the crop allows it), crop, resize, flip, normalise.
+(at reduced size when the crop allows it), crop, resize, flip, colour jitter; then, in `finish`, float,
+PCA lighting and normalisation.
+
+Two halves. Loader workers run the first (`DecodeTransform.placed`) and hand on `Placed`: uint8 pixels
+and the sample's lighting draw, a quarter of the bytes of the float image through the loader's shared
+memory. `finish` runs the second on a whole batch where it reaches the training device (the stage of
+data/device_decode.py), with the draws the workers made. Calling the transform runs both on one image:
+the float image the torchvision transforms give, and what the batch stage gives for that sample.
 
 Crop plan. The stored image size is read from the header (PIL opens lazily) and the crop box, flip,
 colour jitter and lighting are drawn from the torch RNG with the same calls, in the same order, as
@@ -33,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,6 +79,19 @@ class Plan:
     @property
     def output_hw(self) -> tuple[int, int]:
         return self.crop[2:] if self.crop is not None else self.resize_hw
+
+    def alpha(self) -> torch.Tensor:
+        """The lighting draw as float32 (3,), zeros without lighting (exact: it was drawn as float32)."""
+        return torch.tensor(self.lighting_alpha or (0.0, 0.0, 0.0), dtype=torch.float32)
+
+
+class Placed(NamedTuple):
+    """A sample (or, collated, a batch) as loader workers hand it on: uint8 (3, S, S) pixels cropped,
+    resized, flipped and colour jittered, and the float32 (3,) PCA lighting draw `finish` applies to it
+    (zeros without lighting). A NamedTuple, so the DataLoader collates and pins it field by field."""
+
+    pixels: torch.Tensor
+    lighting_alpha: torch.Tensor
 
 
 def draft_reduction(box_hw: tuple[int, int], target_hw: tuple[int, int]) -> int:
@@ -171,7 +192,8 @@ def _resize_box(rgb: Image.Image, plan: Plan, scale_xy: tuple[float, float]) -> 
 
 
 class DecodeTransform:
-    """Base of the train and eval transforms: bytes (`EncodedImage`) -> normalised float (3, S, S).
+    """Base of the train and eval transforms: bytes (`EncodedImage`) -> normalised float (3, S, S), or
+    its two halves: `placed` (uint8 pixels and the lighting draw) and `finish` (float, lighting, normalise).
 
     Also takes an already decoded PIL image (no draft then). `plan` is the only part that differs
     between training and evaluation.
@@ -191,13 +213,24 @@ class DecodeTransform:
         raise NotImplementedError
 
     def __call__(self, image: EncodedImage | Image.Image) -> torch.Tensor:
+        """The normalised float (3, S, S) image: `placed`, then `finish` on it alone."""
+        pixels, alpha = self.placed(image)
+        return self.finish(pixels.unsqueeze(0), alpha.unsqueeze(0))[0]
+
+    def placed(self, image: EncodedImage | Image.Image) -> Placed:
+        """The worker's half: plan from the header (the RNG draws), decode, place, jitter."""
         header = image.open() if isinstance(image, EncodedImage) else image
-        return self.render(image, header, self.plan(*header.size))
+        return self.place_planned(image, header, self.plan(*header.size))
+
+    def place_planned(self, image: EncodedImage | Image.Image, header: Image.Image, plan: Plan) -> Placed:
+        """`Placed` of `plan` for an image whose header is open."""
+        pixels, _ = self.decode_placed(image, header, plan)
+        return Placed(jitter_uint8(pixels, plan.jitter), plan.alpha())
 
     def render(self, image: EncodedImage | Image.Image, header: Image.Image, plan: Plan) -> torch.Tensor:
         """The normalised output of `plan` for an image whose header is open."""
-        pixels, _ = self.decode_placed(image, header, plan)
-        return self.finish(pixels.unsqueeze(0), [plan])[0]
+        pixels, alpha = self.place_planned(image, header, plan)
+        return self.finish(pixels.unsqueeze(0), alpha.unsqueeze(0))[0]
 
     def decode_placed(self, image: EncodedImage | Image.Image, header: Image.Image, plan: Plan
                       ) -> tuple[torch.Tensor, float]:
@@ -211,21 +244,32 @@ class DecodeTransform:
         rgb = image.decode(header) if isinstance(image, EncodedImage) else to_rgb(header)
         return crop_and_flip(_resize_box(rgb, plan, scale_xy), plan), math.sqrt(scale_xy[0] * scale_xy[1])
 
-    def finish(self, pixels: torch.Tensor, plans: Sequence[Plan]) -> torch.Tensor:
-        """uint8 (N, 3, S, S) on any device -> colour jitter, then float in [0, 1], lighting, normalised.
+    def finish(self, pixels: torch.Tensor, lighting_alpha: torch.Tensor) -> torch.Tensor:
+        """The batch's half, on the device `pixels` are on: uint8 (N, 3, S, S) and their (N, 3) lighting
+        draws (CPU) -> float in [0, 1], lighting, normalised: float32 (N, 3, S, S).
 
-        The arithmetic of ToTensor, Lighting and Normalize, so equal pixels give equal floats.
+        The arithmetic of ToTensor, Lighting and Normalize in their order, so equal pixels and draws give
+        equal floats on the CPU, batched or not. (CUDA divides by the scalar 255 through its reciprocal:
+        within an ulp.)
         """
-        if any(p.jitter is not None for p in plans):
-            pixels = torch.stack([jitter_uint8(x, p.jitter) for x, p in zip(pixels, plans)])
-        out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+        device = pixels.device
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=device)
         out.copy_(pixels).div_(255)
         if self.lighting is not None:
-            alphas = torch.tensor([p.lighting_alpha for p in plans], dtype=torch.float32)
-            shifts = torch.stack([self.lighting.rgb_shift(a) for a in alphas])
-            out.add_(shifts.to(out.device))
-        device = out.device
-        return out.sub_(self.mean.to(device)).div_(self.std.to(device))
+            # Per sample, as Lighting computes it: a batched matmul may sum in another order.
+            shifts = torch.stack([self.lighting.rgb_shift(a) for a in lighting_alpha.cpu()])
+            out.add_(to_device(shifts, device))
+        return out.sub_(to_device(self.mean, device)).div_(to_device(self.std, device))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device`; to CUDA through pinned memory, so the copy queues on the stream
+    instead of waiting for the kernels queued before it (the training step's)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _size_only(width: int, height: int) -> torch.Tensor:

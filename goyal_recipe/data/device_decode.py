@@ -1,11 +1,21 @@
-"""data.decode=gpu: JPEGs decoded in batches on the training device instead of in the loader workers.
+"""Where batches reach the training device: the stage in the main process that finishes them there.
 
+data.decode=cpu. Workers decode, crop, resize, flip and jitter (`DecodeTransform.placed`) and hand on
+uint8 batches with each sample's PCA lighting draw (`Placed`; pinned when the device is CUDA): a
+quarter of the bytes of float images through the loader's shared memory. As the training loop takes
+a batch, `FinishStage` copies it to the device and runs `DecodeTransform.finish` there (float, the
+lighting with the draws carried from the worker, normalisation), as timm's PrefetchLoader does.
+
+data.decode=gpu: JPEGs decoded in batches on the training device instead of in the loader workers.
 Workers read each file's bytes and its header and draw the sample's plan exactly as the cpu path
 does (data/decode.py: same seeded RNG draws, from the stored size), then pass on the bytes and the
 plan. In the main process, as the training loop takes a batch, `DecodeStage` decodes its JPEGs
 with one `torchvision.io.decode_jpeg(list, device=...)` call (nvjpeg on CUDA), cuts, resizes
-(antialiased), flips, jitters and normalises each on the device, and returns the list the cpu
-path's loader yields, e.g. (images, labels, index, bad), with the images already on the device.
+(antialiased), flips and jitters each on the device, and finishes the batch with the same
+`DecodeTransform.finish`.
+
+Both stages return the list the loader would give without them, e.g. (images, labels, index, bad) or
+(images, labels, bad), with the images normalised float32 on the device.
 
 Fallbacks, all to the cpu path under the same plan, so every sample keeps the crop decode=cpu
 gives it: a file that is not a plain JPEG (PNG, CMYK, a JPEG cut short, a header PIL cannot read)
@@ -18,7 +28,8 @@ same resize and arithmetic); on CUDA nvjpeg's IDCT and a float resize differ by 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .decode import DecodeTransform, Plan, is_plain_jpeg, place
+from .decode import DecodeTransform, Placed, Plan, is_plain_jpeg, jitter_uint8, place
 from .loader import build_loader
 from .sources import EncodedImage
 
@@ -41,6 +52,18 @@ class Deferred:
     key: object = None
 
 
+class PlacedOutput:
+    """Worker-side transform of data.decode=cpu: the `DecodeTransform`'s `Placed` instead of its float image."""
+
+    decodes_itself = True
+
+    def __init__(self, transform: DecodeTransform):
+        self.transform = transform
+
+    def __call__(self, image: EncodedImage | Image.Image) -> Placed:
+        return self.transform.placed(image)
+
+
 class DeferJpegs:
     """Worker-side transform: a device-decodable JPEG becomes `Deferred`; anything else is decoded
     here by the cpu transform under the same plan (the plan is drawn once, before the choice)."""
@@ -50,14 +73,14 @@ class DeferJpegs:
     def __init__(self, cpu: DecodeTransform):
         self.cpu = cpu
 
-    def __call__(self, image: EncodedImage | Image.Image):
+    def __call__(self, image: EncodedImage | Image.Image) -> Deferred | Placed:
         if not isinstance(image, EncodedImage):
-            return self.cpu(image)
+            return self.cpu.placed(image)
         header = image.open()
         plan = self.cpu.plan(*header.size)
         if is_plain_jpeg(header, image.data):
             return Deferred(image.data, plan)
-        return self.cpu.render(image, header, plan)
+        return self.cpu.place_planned(image, header, plan)
 
 
 class KeyedRows(Dataset):
@@ -79,7 +102,7 @@ class KeyedRows(Dataset):
 @dataclass
 class EncodedBatch:
     """The images of one batch as workers leave them: deferred JPEGs end to end in one uint8 tensor
-    (one shared-memory block), and the images the workers decoded themselves."""
+    (one shared-memory block), and the images the workers decoded themselves (`Placed`, collated)."""
 
     size: int
     data: torch.Tensor
@@ -87,7 +110,7 @@ class EncodedBatch:
     plans: list[Plan] = field(default_factory=list)
     keys: list = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    decoded: torch.Tensor | None = None
+    decoded: Placed | None = None
     decoded_positions: list[int] = field(default_factory=list)
 
     @classmethod
@@ -100,9 +123,14 @@ class EncodedBatch:
             end += len(x.data)
             ends.append(end)
         done = [i for i, x in enumerate(images) if not isinstance(x, Deferred)]
-        decoded = torch.stack([images[i] for i in done]) if done else None
+        decoded = default_collate([images[i] for i in done]) if done else None
         return cls(len(images), data, ends, [x.plan for _, x in deferred], [x.key for _, x in deferred],
                    [i for i, _ in deferred], decoded, done)
+
+    def pin_memory(self) -> EncodedBatch:
+        """The DataLoader's pin_memory hook: the bytes and the worker-decoded pixels page-locked."""
+        decoded = None if self.decoded is None else self.decoded._replace(pixels=self.decoded.pixels.pin_memory())
+        return dataclasses.replace(self, data=self.data.pin_memory(), decoded=decoded)
 
     def jpegs(self) -> list[torch.Tensor]:
         starts = [0] + self.ends[:-1]
@@ -115,11 +143,22 @@ def collate_encoded(rows: list) -> list:
     return [EncodedBatch.pack(images), *default_collate([tuple(row[1:]) for row in rows])]
 
 
-class DecodeStage:
-    """Main-process stage: [EncodedBatch, *columns] -> [images on `device`, *columns].
+class FinishStage:
+    """Main-process stage of data.decode=cpu: [Placed batch, *columns] -> [images on `device`, *columns]."""
 
-    `fallback` is the cpu-path dataset under the same keys (EpochSeededDataset or FlaggedDataset):
-    a JPEG the device decoder rejects is redone from it, bad-image policy included.
+    def __init__(self, transform: DecodeTransform, device: torch.device | str):
+        self.transform, self.device = transform, torch.device(device)
+
+    def __call__(self, batch: list) -> list:
+        (pixels, lighting_alpha), *columns = batch
+        return [self.transform.finish(pixels.to(self.device, non_blocking=True), lighting_alpha), *columns]
+
+
+class DecodeStage:
+    """Main-process stage of data.decode=gpu: [EncodedBatch, *columns] -> [images on `device`, *columns].
+
+    `fallback` is the cpu-path dataset under the same keys (EpochSeededDataset or FlaggedDataset over
+    `PlacedOutput`): a JPEG the device decoder rejects is redone from it, bad-image policy included.
     """
 
     def __init__(self, transform: DecodeTransform, device: torch.device | str, fallback: Dataset):
@@ -128,21 +167,19 @@ class DecodeStage:
     def __call__(self, batch: list) -> list:
         encoded, *columns = batch
         size = self.transform.image_size
-        images = torch.empty((encoded.size, 3, size, size), dtype=torch.float32, device=self.device)
-        placed, plans, positions = [], [], []
-        for k, pixels in enumerate(self.decode(encoded.jpegs())):
+        pixels = torch.empty((encoded.size, 3, size, size), dtype=torch.uint8, device=self.device)
+        lighting_alpha = torch.zeros((encoded.size, 3), dtype=torch.float32)
+        for k, decoded in enumerate(self.decode(encoded.jpegs())):
             plan, position = encoded.plans[k], encoded.positions[k]
-            if pixels is None or tuple(pixels.shape) != (3, *plan.image_hw):
-                self._redo(encoded.keys[k], position, images, columns)
+            if decoded is None or tuple(decoded.shape) != (3, *plan.image_hw):
+                self._redo(encoded.keys[k], position, Placed(pixels, lighting_alpha), columns)
                 continue
-            placed.append(place(pixels, plan))
-            plans.append(plan)
-            positions.append(position)
-        if placed:
-            images[positions] = self.transform.finish(torch.stack(placed), plans)
+            pixels[position] = jitter_uint8(place(decoded, plan), plan.jitter)
+            lighting_alpha[position] = plan.alpha()
         if encoded.decoded is not None:
-            images[encoded.decoded_positions] = encoded.decoded.to(self.device, non_blocking=True)
-        return [images, *columns]
+            pixels[encoded.decoded_positions] = encoded.decoded.pixels.to(self.device, non_blocking=True)
+            lighting_alpha[encoded.decoded_positions] = encoded.decoded.lighting_alpha
+        return [self.transform.finish(pixels, lighting_alpha), *columns]
 
     def decode(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """uint8 (3, H, W) RGB per JPEG on the device, None where the decoder rejects it.
@@ -162,18 +199,20 @@ class DecodeStage:
         except (RuntimeError, ValueError):
             return None
 
-    def _redo(self, key, position: int, images: torch.Tensor, columns: list) -> None:
-        """Row `position` from the cpu path: its image, and its label and bad flag (a substitute's under skip)."""
-        image, *rest = self.fallback[key]
-        images[position] = image.to(self.device)
+    def _redo(self, key, position: int, batch: Placed, columns: list) -> None:
+        """Row `position` from the cpu path: its pixels and lighting draw, and its label and bad flag (a
+        substitute's under skip)."""
+        (pixels, lighting_alpha), *rest = self.fallback[key]
+        batch.pixels[position] = pixels.to(self.device)
+        batch.lighting_alpha[position] = lighting_alpha
         for column, value in zip(columns, rest):
             column[position] = value
 
 
-class DecodedLoader:
+class StagedLoader:
     """A DataLoader whose batches pass through `stage` in this process as they are taken."""
 
-    def __init__(self, loader: DataLoader, stage: DecodeStage):
+    def __init__(self, loader: DataLoader, stage: Callable[[list], list]):
         self.loader, self.stage = loader, stage
 
     def __iter__(self):
@@ -188,22 +227,38 @@ class DecodedLoader:
         return getattr(self.loader, name)
 
 
-def _deferring(rows: Dataset) -> KeyedRows:
-    """`rows` (EpochSeededDataset or FlaggedDataset) over a copy of its source whose transform defers JPEGs."""
+def _decode_transform(rows: Dataset) -> DecodeTransform:
+    transform = rows.dataset.transform
+    if not isinstance(transform, DecodeTransform):
+        raise TypeError(f"the device stage needs the source's transform to be a DecodeTransform, got {type(transform)}")
+    return transform
+
+
+def _with_worker_transform(rows: Dataset, wrap: Callable) -> Dataset:
+    """`rows` (EpochSeededDataset or FlaggedDataset) over a copy of its source whose transform is wrapped."""
     source = copy.copy(rows.dataset)
-    source.transform = DeferJpegs(source.transform)
+    source.transform = wrap(source.transform)
     worker_rows = copy.copy(rows)
     worker_rows.dataset = source
-    return KeyedRows(worker_rows)
+    return worker_rows
+
+
+def build_placed_loader(rows: Dataset, sampler: Iterable, batch_size: int, num_workers: int,
+                        device: torch.device | str, drop_last: bool = False, worker_seed: int = 0) -> StagedLoader:
+    """The loader of decode=cpu over `rows`, whose source's transform is a `DecodeTransform`: uint8
+    batches from the workers (pinned for CUDA), finished on `device` as they are taken."""
+    transform, device = _decode_transform(rows), torch.device(device)
+    loader = build_loader(_with_worker_transform(rows, PlacedOutput), sampler, batch_size, num_workers,
+                          pin_memory=device.type == "cuda", drop_last=drop_last, worker_seed=worker_seed)
+    return StagedLoader(loader, FinishStage(transform, device))
 
 
 def build_device_loader(rows: Dataset, sampler: Iterable, batch_size: int, num_workers: int,
-                        device: torch.device | str, drop_last: bool = False, worker_seed: int = 0) -> DecodedLoader:
+                        device: torch.device | str, drop_last: bool = False, worker_seed: int = 0) -> StagedLoader:
     """The loader of decode=gpu over `rows`, whose source's transform is a `DecodeTransform`; batches
     come out as the cpu path's loader gives them, images on `device`."""
-    transform = rows.dataset.transform
-    if not isinstance(transform, DecodeTransform):
-        raise TypeError(f"device decoding needs the source's transform to be a DecodeTransform, got {type(transform)}")
-    loader = build_loader(_deferring(rows), sampler, batch_size, num_workers, drop_last=drop_last,
-                          worker_seed=worker_seed, collate_fn=collate_encoded)
-    return DecodedLoader(loader, DecodeStage(transform, device, rows))
+    transform, device = _decode_transform(rows), torch.device(device)
+    loader = build_loader(KeyedRows(_with_worker_transform(rows, DeferJpegs)), sampler, batch_size, num_workers,
+                          pin_memory=device.type == "cuda", drop_last=drop_last, worker_seed=worker_seed,
+                          collate_fn=collate_encoded)
+    return StagedLoader(loader, DecodeStage(transform, device, _with_worker_transform(rows, PlacedOutput)))

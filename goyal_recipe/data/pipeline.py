@@ -4,6 +4,10 @@ Augmentation randomness is a function of (seed, epoch, sample index) only: each 
 transformed under its own seed. A resumed run, a different number of loader workers or a
 different world size therefore crop and flip every image exactly as an uninterrupted run would.
 
+Workers hand on uint8 images; the loaders' stage in the main process finishes each batch (float,
+PCA lighting, normalisation) on the training device (data/device_decode.py), so the trainer takes
+normalised float batches already there.
+
 An image that cannot be decoded follows `data.bad_images` (see `load_sample`): every sample carries
 a ``bad`` flag (0/1), so the trainer counts substitutes per update without shared state between
 loader workers.
@@ -15,14 +19,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..config import BatchPlan, RecipeConfig
 from ..sampler import EpochShuffleSampler
 from .decode import EvalDecode, TrainDecode
-from .device_decode import DecodedLoader, build_device_loader
+from .device_decode import StagedLoader, build_device_loader, build_placed_loader
 from .generate import generate_dataset
-from .loader import build_loader
 from .sources import build_dataset, load_sample
 
 log = logging.getLogger(__name__)
@@ -87,9 +90,9 @@ class EpochTaggedSampler(Sampler):
 
 @dataclass
 class Data:
-    train_loader: DataLoader | DecodedLoader
+    train_loader: StagedLoader
     train_sampler: EpochShuffleSampler
-    val_loader: DataLoader | DecodedLoader | None
+    val_loader: StagedLoader | None
     num_classes: int
     num_train: int
     num_val: int
@@ -127,12 +130,13 @@ def decode_device(cfg: RecipeConfig, engine) -> torch.device | None:
 
 def _loader(rows: Dataset, sampler, batch_size: int, cfg: RecipeConfig, engine, device: torch.device | None,
             drop_last: bool = False):
-    """The loader of data.decode: decoding in the workers (device None), or a stage on `device` after them."""
+    """The loader of data.decode: decoding in the workers, finished on the engine's device (`device` None), or
+    decoding in a stage on `device` after them."""
     if device is not None:
         return build_device_loader(rows, sampler, batch_size, cfg.data.workers, device, drop_last=drop_last,
                                    worker_seed=cfg.run.seed)
-    return build_loader(rows, sampler, batch_size, cfg.data.workers, pin_memory=engine.device.type == "cuda",
-                        drop_last=drop_last, worker_seed=cfg.run.seed)
+    return build_placed_loader(rows, sampler, batch_size, cfg.data.workers, engine.device, drop_last=drop_last,
+                               worker_seed=cfg.run.seed)
 
 
 def build_data(cfg: RecipeConfig, plan: BatchPlan, engine) -> Data:
