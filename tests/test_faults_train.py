@@ -226,3 +226,45 @@ def test_collective_timeout_without_a_launcher(data_root, tmp_path, engine, stop
     else:
         assert waited_s < timeout_s, waited_s
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def torchrun_with_restart(args, log):
+    """2 CPU workers under torchrun's elastic agent, allowed one restart: c10d rendezvous on a free local port, and
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that every attempt meets in a new store (in the agent's shared one the
+    restarted workers read the dead attempt's gloo addresses; see accelerate_configs/README.md)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--local-addr", "127.0.0.1",
+           "-m", "goyal_recipe.cli", "train", str(RECIPE), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_torchrun_restarts_a_killed_rank_and_finishes_the_same_run(data_root, tmp_path):
+    """SIGKILL of rank 1 mid-epoch under `torchrun --max-restarts 1`: the agent restarts both workers, they resume
+    from the newest checkpoint by themselves, and the job ends with the losses and weights of an uninterrupted run."""
+    args = {"run.resume": "auto", "run.checkpoint_every_updates": 2, "run.collective_timeout_s": 60}
+    logs = {name: tmp_path / f"{name}.log" for name in ("uninterrupted", "restarted")}
+    try:
+        with open(logs["uninterrupted"], "w") as log:
+            assert torchrun_with_restart(overrides(data_root, tmp_path, "uninterrupted", **args), log).wait(300) == 0
+        with open(logs["restarted"], "w") as log:
+            proc = torchrun_with_restart(overrides(data_root, tmp_path, "restarted", **args), log)
+            try:
+                wait_for_update(tmp_path / "restarted", 7, proc)  # inside epoch 2, after checkpoint 6
+                os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+                assert proc.wait(timeout=300) == 0  # restarted and finished without help
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()  # the agent stops its workers
+                    proc.wait(timeout=60)
+    finally:
+        for name, log in logs.items():  # shown by pytest if the test fails
+            print(f"--- {name}:\n{log.read_text()[-4000:]}")
+    run_dir = tmp_path / "restarted"
+    starts = records(run_dir, "run")
+    assert len(starts) == 2 and starts[1]["world_size"] == 2  # one restart
+    assert starts[1]["resumed_at_update"] in (6, 8)  # the newest checkpoint the kill left
+    assert_same_run(run_dir, tmp_path / "uninterrupted")
+    for epoch, seen in samples_by_epoch(run_dir, ranks=(0, 1)).items():
+        assert sorted(seen) == list(range(64)), epoch  # nothing skipped or repeated, the interrupted epoch included

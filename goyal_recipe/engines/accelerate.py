@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import model_state
 from ..config import ConfigError
-from .base import Engine
+from .base import Engine, check_elastic_restart
 
 
 class AccelerateEngine(Engine):
@@ -31,6 +31,7 @@ class AccelerateEngine(Engine):
     def __init__(self, cfg):
         if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
             raise ConfigError("launched with accelerate's DeepSpeed plugin but engine=accelerate; add engine=deepspeed")
+        check_elastic_restart()
         # Per-worker BN (the paper): buffers are not broadcast from rank 0 at each forward; they
         # are averaged by `average_buffers` before evaluation and checkpoints instead.
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)

@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 
 import torch
+
+from ..config import ConfigError
+
+log = logging.getLogger(__name__)
+
+_STORE_FIX = ("launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv-backend c10d, so that every attempt "
+              "gets a new store (see accelerate_configs/README.md)")
+
+
+def check_elastic_restart() -> None:
+    """Call before the process group is made. torchrun's agent shares its rendezvous store with the workers
+    (TORCHELASTIC_USE_AGENT_STORE=True), and that store outlives a restart: the restarted workers read the dead
+    attempt's addresses from it, and gloo or NCCL fails to connect or hangs. Say so before, not after."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0:
+        raise ConfigError(f"torchrun restarted the workers (restart {restart}) in the store of the failed attempt, "
+                          f"whose stale addresses keep the process group from forming; {_STORE_FIX}, "
+                          "or rerun with run.resume=auto")
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":
+        log.warning("torchrun --max-restarts with the agent's shared rendezvous store: a restart cannot form the "
+                    "process group; %s", _STORE_FIX)
 
 
 class Engine:

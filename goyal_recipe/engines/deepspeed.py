@@ -28,7 +28,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups as ds_groups
 
 from ..config import ConfigError, RecipeConfig, plan_batches
-from .base import Engine
+from .base import Engine, check_elastic_restart
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _RECIPE_OWNED = {"optimizer": "optim.*", "scheduler": "optim.* (GoyalLR)", "fp16": "model.precision",
@@ -97,6 +97,7 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(f"the accelerate config says zero_stage={plugin_stage} but the recipe has "
                               f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; make them agree")
         _single_process_env()
+        check_elastic_restart()
         timeout = timedelta(seconds=cfg.run.collective_timeout_s)
         deepspeed.init_distributed(timeout=timeout)
         # DeepSpeed reduces gradients over its own copy of the world group, which it makes with
