@@ -370,6 +370,7 @@ def plot_error_vs_kn(mode: Mode, summary: dict[str, dict], path: Path) -> Path:
     left.set(xscale="log", xlabel="kn (images per update)", ylabel="top-1 validation error (%)",
              title="error against kn (gradual warmup, linear rule)")
     left.set_xticks(list(mode.sweep_kn), [_kn(kn) for kn in mode.sweep_kn])
+    left.minorticks_off()  # a log axis otherwise labels its minor ticks too, over the kn labels
     baseline = summary[Setting(mode.baseline_kn).name]["mean"]
     if points and baseline is not None:
         right.plot([p["updates_per_epoch"] for p in points], [p["mean"] - baseline for p in points], "o-",
@@ -486,12 +487,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .provenance import describe_machine, machine_info, utc_now, versions
 
+    out_dir = args.out or Path("docs") / "replication" / args.mode
     command = "goyal-replicate " + " ".join(argv if argv is not None else sys.argv[1:])
-    provenance = {"command": command.strip(), "machine": describe_machine(machine_info()), "date": utc_now(),
-                  "duration_s": None if args.report_only else time.time() - start, "jobs": jobs,
-                  "train_s": sum(r["train_s"] or 0.0 for r in records), "versions": versions(),
-                  "scale": describe_scale(args.mode, runs)}
-    for path in write_report(args.mode, records, args.out or Path("docs") / "replication" / args.mode, provenance):
+    previous = out_dir / "results.json"
+    if args.report_only and previous.is_file():  # redrawn: the provenance stays that of the training
+        provenance = json.loads(previous.read_text())["provenance"]
+    else:
+        provenance = {"command": command.strip(), "machine": describe_machine(machine_info()), "date": utc_now(),
+                      "duration_s": None if args.report_only else time.time() - start, "jobs": jobs,
+                      "train_s": sum(r["train_s"] or 0.0 for r in records), "versions": versions(),
+                      "scale": describe_scale(args.mode, runs)}
+    for path in write_report(args.mode, records, out_dir, provenance):
         print(path)
     if failed:
         print(f"goyal-replicate: error: {len(failed)} runs failed ({', '.join(failed)}); their logs are in "

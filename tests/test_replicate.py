@@ -123,6 +123,15 @@ def test_report_only_rebuilds_from_the_runs_without_training(tmp_path, capsys):
     code = main(["--mode", "quick", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--out",
                  str(tmp_path / "out"), "--report-only"])
     assert code == 0
-    assert "| gradual warmup | 4 | 32 | 128 | 0.4 | 39 | 50.00 (n=1) | 23.74 ± 0.09 |" in (
-        tmp_path / "out" / "results.md").read_text()
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "| gradual warmup | 4 | 32 | 128 | 0.4 | 39 | 50.00 (n=1) | 23.74 ± 0.09 |" in report
+    assert "training time of all runs together 54.0 min" in report and "wall time" not in report
+    # Redrawn again, the report keeps the provenance of the sweep that trained the runs.
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    saved["provenance"].update(duration_s=1234.0, command="goyal-replicate --mode quick", jobs=2)
+    (tmp_path / "out" / "results.json").write_text(json.dumps(saved))
+    assert main(["--mode", "quick", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--out",
+                 str(tmp_path / "out"), "--report-only"]) == 0
+    assert "Command: `goyal-replicate --mode quick`" in (tmp_path / "out" / "results.md").read_text()
+    assert "wall time 20.6 min with 2 runs at once" in (tmp_path / "out" / "results.md").read_text()
     assert Setting(256).name == "kn256-gradual-linear-zerogamma"
