@@ -317,7 +317,10 @@ def markdown_tables(mode: Mode, summary: dict[str, dict]) -> list[str]:
     def u(s: dict) -> str:
         return "?" if s["updates_per_epoch"] is None else str(s["updates_per_epoch"])
 
-    lines = [f"### Table 1 analog: warmup at kn = {mode.large_kn} (the paper's at kn = 8k)", ""]
+    large = get(Setting(mode.large_kn))
+    at_large = (f"kn = {mode.large_kn}, {u(large)} updates per epoch (the paper's: kn = 8k, "
+                f"{IMAGENET_TRAIN_IMAGES // PAPER_TABLE1_KN} updates per epoch)")
+    lines = [f"### Table 1 analog: warmup at {at_large}", ""]
     rows = []
     for label, setting, paper in (
         (f"baseline kn={mode.baseline_kn}", Setting(mode.baseline_kn), "baseline"),
@@ -342,13 +345,12 @@ def markdown_tables(mode: Mode, summary: dict[str, dict]) -> list[str]:
                      "paper at the kn with as many updates/epoch (%)"], rows)
     if not mode.ablations:
         return lines
-    lines += ["", f"### Ablations at kn = {mode.large_kn} (the paper's at kn = 8k)", ""]
+    lines += ["", f"### Ablations at {at_large}", ""]
     rows = []
     labels = {"no_scaling": ("no LR scaling", Setting(mode.large_kn, scaling="none")),
               "sqrt_scaling": ("square-root scaling", Setting(mode.large_kn, scaling="sqrt")),
               "gamma_one": ("gamma = 1 init", Setting(mode.large_kn, zero_gamma=False))}
-    reference = get(Setting(mode.large_kn))
-    rows.append(["linear scaling, zero-gamma (reference)", f"{reference['peak_lr']:g}", _error_cell(reference),
+    rows.append(["linear scaling, zero-gamma (reference)", f"{large['peak_lr']:g}", _error_cell(large),
                  f"{PAPER_ERROR_BY_KN[PAPER_TABLE1_KN]:.2f}"])
     for ablation in mode.ablations:
         label, setting = labels[ablation]

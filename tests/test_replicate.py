@@ -109,6 +109,8 @@ def test_report_tables_and_figures_come_from_recorded_metrics(tmp_path):
     assert rows["512"] == "| 512 | 16 | 1.6 | 9 | 70.00 ± 10.00 (n=3) | outside the paper's range |"
     assert rows["no LR scaling"] == "| no LR scaling | 0.1 | 91.00 ± 1.00 (n=3) | 41.67 |"
     assert "wall time 10.0 min with 2 runs at once, training time of all runs together 18.0 min" in report
+    assert ("### Table 1 analog: warmup at kn = 128, 39 updates per epoch (the paper's: kn = 8k, 156 updates "
+            "per epoch)") in report
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(saved["runs"]) == 18 and sum(r["error"] is None for r in saved["runs"]) == 1
     for name in ("error_vs_kn.png", "curves_warmup.png", "curves_kn.png"):
