@@ -104,7 +104,7 @@ MODES = {
     "quick": Mode(
         description="a reduced design that runs in under 15 minutes on 2 CPU cores",
         train_per_class=40, val_per_class=20, epochs=9, milestones=(3, 6, 8), warmup_epochs=0.5,
-        baseline_kn=32, large_kn=128, sweep_kn=(32, 128, 512), ablations=("no_scaling",),
+        baseline_kn=32, large_kn=128, sweep_kn=(32, 128, 512), ablations=("no_scaling", "sqrt_scaling"),
         seeds=(0, 1, 2), max_micro_batch=128, workers=0, eval_every_epochs=3),
     "cpu": Mode(
         description="Table 1 in the paper's 8k regime (125 updates per epoch), about an hour on 2 CPU cores",

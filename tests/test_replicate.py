@@ -16,11 +16,12 @@ def configs(mode, tmp_path):
 
 def test_quick_mode_runs_the_paper_design_at_its_scale(tmp_path):
     cfgs = configs("quick", tmp_path)
-    # Table 1 (baseline, 3 warmups at kn=128), the kn sweep adds 512, one ablation; 3 seeds each.
+    # Table 1 (baseline, 3 warmups at kn=128), the kn sweep adds 512, two LR-scaling ablations; 3 seeds each.
     assert sorted({name.rsplit("-seed", 1)[0] for name in cfgs}) == [
         "kn128-constant-linear-zerogamma", "kn128-gradual-linear-zerogamma", "kn128-gradual-none-zerogamma",
-        "kn128-none-linear-zerogamma", "kn32-gradual-linear-zerogamma", "kn512-gradual-linear-zerogamma"]
-    assert len(cfgs) == 18
+        "kn128-gradual-sqrt-zerogamma", "kn128-none-linear-zerogamma", "kn32-gradual-linear-zerogamma",
+        "kn512-gradual-linear-zerogamma"]
+    assert len(cfgs) == 21
     for name, cfg in cfgs.items():
         # What the paper holds fixed: BN statistics over 32 images, the optimizer, the data, the schedule shape.
         assert (cfg.model.bn, cfg.model.bn_group_size, cfg.model.name) == ("ghost", 32, "resnet18")
@@ -32,7 +33,8 @@ def test_quick_mode_runs_the_paper_design_at_its_scale(tmp_path):
     peak = {name.rsplit("-seed", 1)[0]: cfg.schedule().peak_lr for name, cfg in cfgs.items()}
     assert peak == pytest.approx({"kn32-gradual-linear-zerogamma": 0.1, "kn128-none-linear-zerogamma": 0.4,
                                   "kn128-constant-linear-zerogamma": 0.4, "kn128-gradual-linear-zerogamma": 0.4,
-                                  "kn512-gradual-linear-zerogamma": 1.6, "kn128-gradual-none-zerogamma": 0.1})
+                                  "kn512-gradual-linear-zerogamma": 1.6, "kn128-gradual-none-zerogamma": 0.1,
+                                  "kn128-gradual-sqrt-zerogamma": 0.2})
     # The LR through training at kn=128 (31 updates per epoch of 4000 images): warmup over half an epoch.
     lr = {w: cfgs[f"kn128-{w}-linear-zerogamma-seed0"].schedule().lr for w in ("none", "constant", "gradual")}
     assert [lr["none"](e) for e in (0, 0.25, 3)] == pytest.approx([0.4, 0.4, 0.04])
@@ -89,7 +91,8 @@ def test_report_tables_and_figures_come_from_recorded_metrics(tmp_path):
     runs = build_runs("quick", tmp_path / "runs")
     finals = {"kn32-gradual-linear-zerogamma": [30.0, 32.0, 34.0], "kn128-none-linear-zerogamma": [40.0, 41.0, 45.0],
               "kn128-constant-linear-zerogamma": [50.0, 50.0, 50.0], "kn128-gradual-linear-zerogamma": [31.0, 33.0, 32.0],
-              "kn512-gradual-linear-zerogamma": [60.0, 70.0, 80.0], "kn128-gradual-none-zerogamma": [90.0, 91.0, 92.0]}
+              "kn512-gradual-linear-zerogamma": [60.0, 70.0, 80.0], "kn128-gradual-none-zerogamma": [90.0, 91.0, 92.0],
+              "kn128-gradual-sqrt-zerogamma": [35.0, 35.0, 38.0]}
     for run in runs:
         if run.name == "kn128-constant-linear-zerogamma-seed2":
             record_run(run, [80.0] * 4, 39)  # interrupted after 4 of 9 epochs: no error yet
@@ -108,11 +111,12 @@ def test_report_tables_and_figures_come_from_recorded_metrics(tmp_path):
     assert rows["128"] == "| 128 | 4 | 0.4 | 39 | 32.00 ± 1.00 (n=3) | 32k: 27.55 |"
     assert rows["512"] == "| 512 | 16 | 1.6 | 9 | 70.00 ± 10.00 (n=3) | outside the paper's range |"
     assert rows["no LR scaling"] == "| no LR scaling | 0.1 | 91.00 ± 1.00 (n=3) | 41.67 |"
+    assert rows["square-root scaling"] == "| square-root scaling | 0.2 | 36.00 ± 1.73 (n=3) | 26.22 |"
     assert "wall time 10.0 min with 2 runs at once, training time of all runs together 18.0 min" in report
     assert ("### Table 1 analog: warmup at kn = 128, 39 updates per epoch (the paper's: kn = 8k, 156 updates "
             "per epoch)") in report
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(saved["runs"]) == 18 and sum(r["error"] is None for r in saved["runs"]) == 1
+    assert len(saved["runs"]) == 21 and sum(r["error"] is None for r in saved["runs"]) == 1
     for name in ("error_vs_kn.png", "curves_warmup.png", "curves_kn.png"):
         png = tmp_path / "out" / name
         assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -127,7 +131,7 @@ def test_report_only_rebuilds_from_the_runs_without_training(tmp_path, capsys):
     assert code == 0
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| gradual warmup | 4 | 32 | 128 | 0.4 | 39 | 50.00 (n=1) | 23.74 ± 0.09 |" in report
-    assert "training time of all runs together 54.0 min" in report and "wall time" not in report
+    assert "training time of all runs together 63.0 min" in report and "wall time" not in report
     # Redrawn again, the report keeps the provenance of the sweep that trained the runs.
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     saved["provenance"].update(duration_s=1234.0, command="goyal-replicate --mode quick", jobs=2)
