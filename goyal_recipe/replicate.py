@@ -8,7 +8,7 @@ gradient accumulation, exactly as the paper simulated its largest minibatches.
 
     goyal-replicate --mode quick          # < 15 min on 2 CPU cores: docs/replication/quick/
     goyal-replicate --mode cpu            # Table 1 at 125 updates per epoch: about an hour on 2 CPU cores
-    goyal-replicate --mode full --jobs 4  # the whole design, for a GPU
+    goyal-replicate --mode full --jobs 2  # the whole design, for a GPU
     goyal-replicate --mode quick --dry-run
 
 Finished runs are not repeated and unfinished ones resume, so the command can be rerun after an
@@ -112,7 +112,7 @@ MODES = {
         baseline_kn=32, large_kn=128, sweep_kn=(32, 128), ablations=(),
         seeds=(0, 1, 2), max_micro_batch=128, workers=0),
     "full": Mode(
-        description="the whole design, for a GPU (days on a CPU)",
+        description="the whole design, for a GPU (about a day on 2 CPU cores)",
         train_per_class=1280, val_per_class=50, epochs=18, milestones=(6, 12, 16), warmup_epochs=1,
         baseline_kn=32, large_kn=1024, sweep_kn=(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
         ablations=("no_scaling", "sqrt_scaling", "gamma_one"), seeds=(0, 1, 2), max_micro_batch=256, workers=6),
