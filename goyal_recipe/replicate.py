@@ -158,14 +158,15 @@ def train_command(run: Run, recipe: Path = BASE_RECIPE) -> list[str]:
     return [sys.executable, "-m", "goyal_recipe.cli", "train", str(recipe), *run.overrides]
 
 
-def read_curve(metrics_path: Path) -> list[dict]:
-    """The per-epoch errors of a run from its metrics.jsonl (empty if absent); a resumed run's last record wins."""
-    epochs: dict[int, dict] = {}
-    if metrics_path.is_file():
-        for record in read_jsonl(metrics_path):
-            if record.get("kind") == "epoch":
-                epochs[int(record["epoch"])] = {k: record.get(k) for k in
-                                                ("epoch", "train_loss", "train_top1_error", "val_top1_error", "lr")}
+def read_records(metrics_path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (empty if absent)."""
+    return list(read_jsonl(metrics_path)) if metrics_path.is_file() else []
+
+
+def epoch_curve(records: Sequence[dict]) -> list[dict]:
+    """The per-epoch errors of a run's records; a resumed run's last record of an epoch wins."""
+    keys = ("epoch", "train_loss", "train_top1_error", "val_top1_error", "lr")
+    epochs = {int(r["epoch"]): {k: r.get(k) for k in keys} for r in records if r.get("kind") == "epoch"}
     return [epochs[e] for e in sorted(epochs)]
 
 
@@ -179,7 +180,7 @@ def final_error(curve: list[dict], mode: Mode) -> float | None:
 
 
 def is_finished(run: Run, mode: Mode) -> bool:
-    return final_error(read_curve(run.run_dir / "metrics.jsonl"), mode) is not None
+    return final_error(epoch_curve(read_records(run.run_dir / "metrics.jsonl")), mode) is not None
 
 
 def collect(mode_name: str, runs: Sequence[Run]) -> list[dict]:
@@ -187,9 +188,8 @@ def collect(mode_name: str, runs: Sequence[Run]) -> list[dict]:
     mode = MODES[mode_name]
     records = []
     for run in runs:
-        path = run.run_dir / "metrics.jsonl"
-        curve = read_curve(path)
-        logged = list(read_jsonl(path)) if path.is_file() else []
+        logged = read_records(run.run_dir / "metrics.jsonl")
+        curve = epoch_curve(logged)
         header = next((r for r in logged if r.get("kind") == "run"), {})
         times = [r["time"] for r in logged if r.get("time") is not None]
         cfg = load_config(BASE_RECIPE, list(run.overrides))
@@ -243,7 +243,7 @@ def run_all(runs: Sequence[Run], mode: Mode, jobs: int, threads_per_job: int, lo
                 print(f"[{done}] {job.run.name}: FAILED (exit {job.process.returncode}); see {log_dir / job.run.name}.log",
                       flush=True)
                 continue
-            error = final_error(read_curve(job.run.run_dir / "metrics.jsonl"), mode)
+            error = final_error(epoch_curve(read_records(job.run.run_dir / "metrics.jsonl")), mode)
             print(f"[{done}] {job.run.name}: top-1 error {error if error is None else f'{error:.2f}%'} "
                   f"({took:.0f} s)", flush=True)
     return failed

@@ -207,6 +207,7 @@ class DecodeTransform:
         self.draft = bool(draft)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._normalisation: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, std) per device
         self.lighting = Lighting(pca_lighting) if pca_lighting > 0 else None
 
     def plan(self, width: int, height: int) -> Plan:
@@ -226,11 +227,6 @@ class DecodeTransform:
         """`Placed` of `plan` for an image whose header is open."""
         pixels, _ = self.decode_placed(image, header, plan)
         return Placed(jitter_uint8(pixels, plan.jitter), plan.alpha())
-
-    def render(self, image: EncodedImage | Image.Image, header: Image.Image, plan: Plan) -> torch.Tensor:
-        """The normalised output of `plan` for an image whose header is open."""
-        pixels, alpha = self.place_planned(image, header, plan)
-        return self.finish(pixels.unsqueeze(0), alpha.unsqueeze(0))[0]
 
     def decode_placed(self, image: EncodedImage | Image.Image, header: Image.Image, plan: Plan
                       ) -> tuple[torch.Tensor, float]:
@@ -259,7 +255,10 @@ class DecodeTransform:
             # Per sample, as Lighting computes it: a batched matmul may sum in another order.
             shifts = torch.stack([self.lighting.rgb_shift(a) for a in lighting_alpha.cpu()])
             out.add_(to_device(shifts, device))
-        return out.sub_(to_device(self.mean, device)).div_(to_device(self.std, device))
+        if device not in self._normalisation:  # copied once per device, not once per batch
+            self._normalisation[device] = (to_device(self.mean, device), to_device(self.std, device))
+        mean, std = self._normalisation[device]
+        return out.sub_(mean).div_(std)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
