@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+LAYOUTS = ("auto", "per_group", "packed")
+
 # Last BN of a residual block, by block class: timm's and torchvision's ResNets share these names.
 _LAST_BN = {"Bottleneck": "bn3", "BasicBlock": "bn2"}
 
@@ -44,20 +46,29 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     statistics move by the mean of the groups' statistics, which is the average of the running
     statistics those k workers would keep. In eval mode it is `BatchNorm2d`.
 
+    `layout` picks how the groups are computed, with identical results: "per_group" runs one
+    native batch_norm per group (least memory traffic: the fastest on a CPU), "packed" lays the
+    groups side by side as channels for a single batch_norm call (one kernel per layer: for GPUs),
+    "auto" (default) takes "per_group" on CPU tensors and "packed" elsewhere.
+
     Same parameters, buffers and state_dict keys as `BatchNorm2d`: checkpoints load both ways.
     A training batch that is not a whole number of groups is an error (silently different
     statistics would change the recipe); size micro-batches as a multiple of `group_size`.
     """
 
     def __init__(self, num_features: int, group_size: int = 32, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 layout: str = "auto"):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if int(group_size) != group_size or group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {group_size}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.group_size = int(group_size)
+        self.layout = layout
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -68,33 +79,70 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
                 f"GhostBatchNorm2d got a training batch of {batch} samples, not a multiple of "
                 f"group_size={self.group_size}; make the per-device micro-batch a multiple of the BN group size"
             )
-        groups, n = batch // self.group_size, self.group_size
-        _, channels, height, width = x.shape
-        # Groups side by side as channels: one native batch_norm call then normalises every
-        # (group, channel) over its own n samples, as k workers would.
+        groups = batch // self.group_size
         dtype = torch.promote_types(x.dtype, torch.float32)  # BN in at least fp32 for bf16/fp16 inputs
-        xs = x.to(dtype).view(groups, n, channels, height, width).transpose(0, 1).reshape(n, groups * channels, height, width)
-        track = self.track_running_stats
-        if track:
+        if self.track_running_stats:
             self.num_batches_tracked.add_(1)
-            # Each group moves its own copy of the running statistics; their mean is what k workers'
-            # averaged statistics would be (the update is linear).
-            running_mean, running_var = self.running_mean.repeat(groups), self.running_var.repeat(groups)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            running_mean, running_var = self.running_mean, self.running_var
         else:
             running_mean = running_var = None
             factor = 0.0
-        weight = self.weight.repeat(groups) if self.affine else None
-        bias = self.bias.repeat(groups) if self.affine else None
-        out = F.batch_norm(xs, running_mean, running_var, weight, bias, True, factor, self.eps)
-        if track:
-            with torch.no_grad():
-                self.running_mean.copy_(running_mean.view(groups, channels).mean(0))
-                self.running_var.copy_(running_var.view(groups, channels).mean(0))
-        out = out.view(n, groups, channels, height, width).transpose(0, 1).reshape(x.shape).to(x.dtype)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        layout = self.layout if self.layout != "auto" else "per_group" if x.device.type == "cpu" else "packed"
+        normalise = _per_group_batch_norm if layout == "per_group" else _packed_batch_norm
+        out = normalise(x.to(dtype), groups, running_mean, running_var, self.weight, self.bias, factor, self.eps)
+        return out.to(x.dtype)
+
+
+# Both layouts compute the same thing. Running statistics: k workers would each move their copy by
+# `momentum` towards their group's statistics s_g and then average the copies, so the buffer must end
+# at r' = (1 - m) r + (m / k) sum_g s_g (the update is linear).
+
+
+def _per_group_batch_norm(x, groups, running_mean, running_var, weight, bias, momentum, eps):
+    """One native batch_norm per group on its slice of the batch (a view in either memory format),
+    outputs concatenated: on a CPU the concatenation and its backward are the only copies.
+
+    The running buffers are updated in place, group after group, with momentum m / (k - (k - g) m)
+    for g = 1..k: each s_g then enters with weight m / k and r with 1 - m, which is r' above with
+    neither copies of the buffers nor a mean over them.
+    """
+    outs = []
+    for g, chunk in enumerate(x.chunk(groups), start=1):
+        step = momentum / (groups - (groups - g) * momentum)
+        outs.append(F.batch_norm(chunk, running_mean, running_var, weight, bias, True, step, eps))
+    return torch.cat(outs)
+
+
+def _packed_batch_norm(x, groups, running_mean, running_var, weight, bias, momentum, eps):
+    """Groups side by side as channels, so one native batch_norm normalises every (group, channel)
+    over its own n samples: one kernel per layer however many groups, what a GPU wants.
+
+    Costs one copy in and one out. The packing keeps the input's memory format (channels_last
+    packs (n, H, W, groups, C)) so neither copy also converts layouts. Each group moves its own
+    copy of the running buffers; their mean is r'.
+    """
+    batch, channels, height, width = x.shape
+    n = batch // groups
+    group_means = None if running_mean is None else running_mean.repeat(groups)
+    group_vars = None if running_var is None else running_var.repeat(groups)
+    weights = None if weight is None else weight.repeat(groups)
+    biases = None if bias is None else bias.repeat(groups)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        nhwc = x.permute(0, 2, 3, 1).view(groups, n, height, width, channels)
+        packed = nhwc.permute(1, 2, 3, 0, 4).reshape(n, height, width, groups * channels).permute(0, 3, 1, 2)
+    else:
+        packed = x.reshape(groups, n, channels, height, width).transpose(0, 1).reshape(n, groups * channels, height, width)
+    out = F.batch_norm(packed, group_means, group_vars, weights, biases, True, momentum, eps)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(group_means.view(groups, channels).mean(0))
+            running_var.copy_(group_vars.view(groups, channels).mean(0))
+    if channels_last:
+        out = out.permute(0, 2, 3, 1).view(n, height, width, groups, channels).permute(3, 0, 1, 2, 4)
+        return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    return out.view(n, groups, channels, height, width).transpose(0, 1).reshape(batch, channels, height, width)
 
 
 def use_ghost_batchnorm(model: nn.Module, group_size: int = 32) -> int:

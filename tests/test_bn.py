@@ -89,6 +89,46 @@ def test_ghost_bn_equals_separate_workers(momentum):
     torch.testing.assert_close(ghost(x), plain(x))
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("layout", ["per_group", "packed"])
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_both_ghost_bn_layouts_equal_separate_workers(momentum, layout, memory_format):
+    """The CPU layout (a batch_norm per group) and the GPU one (groups packed as channels), each in
+    both memory formats: outputs, input and parameter gradients, running statistics and layout."""
+    torch.manual_seed(1)
+    groups, channels = 3, 5
+    ghost = GhostBatchNorm2d(channels, group_size=4, momentum=momentum, layout=layout).double()
+    with torch.no_grad():
+        ghost.weight.uniform_(0.5, 1.5)
+        ghost.bias.uniform_(-0.5, 0.5)
+        ghost.running_mean.normal_()
+        ghost.running_var.uniform_(0.5, 1.5)
+    workers = separate_bns(ghost, groups)
+    x = (torch.randn(groups * 4, channels, 3, 2, dtype=torch.float64) * 2 - 1).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    xs = [c.detach().clone().requires_grad_() for c in x.chunk(groups)]
+
+    out = ghost(x)
+    assert out.is_contiguous(memory_format=memory_format)
+    ref = torch.cat([bn(c) for bn, c in zip(workers, xs)])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, torch.cat([c.grad for c in xs]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ghost.weight.grad, sum(bn.weight.grad for bn in workers), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ghost.bias.grad, sum(bn.bias.grad for bn in workers), rtol=1e-10, atol=1e-10)
+    # The buffers end at the mean of what the k workers' own copies hold.
+    for buf in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ghost, buf), sum(getattr(bn, buf) for bn in workers) / groups,
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_ghost_bn_rejects_an_unknown_layout():
+    with pytest.raises(ValueError, match="layout must be one of auto, per_group, packed, got 'rows'"):
+        GhostBatchNorm2d(3, layout="rows")
+
+
 def test_ghost_bn_single_group_is_batchnorm_and_channels_last_and_bf16():
     torch.manual_seed(0)
     ghost = GhostBatchNorm2d(3, group_size=4)
