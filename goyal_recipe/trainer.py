@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
 from .config import BatchPlan, ConfigError, RecipeConfig, dump_config, plan_batches
+from .cpu_memory import keep_freed_memory
 from .data.pipeline import build_data
 from .engines import make_engine
 from .metrics import EvalCounter, JsonlWriter, ThroughputMeter, format_epoch_line, format_step_line
@@ -59,6 +60,8 @@ class Trainer:
         if cfg.model.bn == "sync" and engine.world_size > 1 and engine.device.type != "cuda":
             raise ConfigError("model.bn=sync needs CUDA devices (torch's SyncBatchNorm); "
                               "use model.bn=ghost, the paper's per-worker statistics, on this machine")
+        if cfg.run.keep_freed_cpu_memory and engine.device.type == "cpu":
+            keep_freed_memory()
         self.run_dir = cfg.run_dir
         torch.manual_seed(cfg.run.seed)
         self.data = build_data(cfg, plan, engine)
