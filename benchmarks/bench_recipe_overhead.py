@@ -10,7 +10,11 @@ mean cross-entropy), each variant switches on one piece:
   all          the three together
 
 Variants run interleaved; the overhead of a piece is the paired per-repeat difference to the
-baseline, in ms per update and in % of the baseline update. The sampler piece is the index loop
+baseline, in ms per update and in % of the baseline update. A whole update's repeat-to-repeat
+noise on a CPU is a few %, wider than ghost BN's cost, so ghost BN is also timed on its own
+(`ghost_bn_layers_<layout>`): forward and backward of every BN layer of the model, alone, on the
+inputs the layer sees in an update, GhostBatchNorm2d in each layout against BatchNorm2d,
+interleaved; the difference is expressed in % of the baseline update. The sampler piece is the index loop
 the DataLoader runs per update (one `BatchSampler` batch), over one whole epoch of
 --num-samples, divided by its updates: `EpochShuffleSampler` as the trainer iterates it (through
 `EpochTaggedSampler`) against `torch.utils.data.RandomSampler`; the update's compute is the same
@@ -22,11 +26,13 @@ in both and cancels out.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import BatchSampler, RandomSampler
 
 import common
@@ -35,6 +41,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 QUICK = dict(model="resnet10t", image_size=32, batch_size=16, bn_group_size=8, num_classes=10, iters=2, warmup=1,
              repeats=2, num_samples=4096)
 PIECES = ("goyal_lr", "ghost_bn", "global_loss")
+GHOST_LAYOUTS = ("per_group", "packed")
 
 
 def parse(argv=None):
@@ -43,8 +50,13 @@ def parse(argv=None):
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64, help="= the global batch kn of the update")
     p.add_argument("--bn-group-size", type=int, default=32)
+    p.add_argument("--ghost-bn-layout", choices=("auto", "per_group", "packed"), default="auto",
+                   help="GhostBatchNorm2d layout (auto: per_group on CPU, packed on GPU)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--channels-last", action="store_true", help="model and batch in channels_last memory format")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, keep freed memory in the process as goyal-train does (run.keep_freed_cpu_memory)")
     p.add_argument("--iters", type=int, default=10, help="timed updates per repeat and variant")
     p.add_argument("--num-samples", type=int, default=IMAGENET_TRAIN_IMAGES, help="epoch size for the sampler piece")
     return common.parse_args(p, QUICK, argv)
@@ -60,14 +72,32 @@ def global_loss(logits, labels, kn):
     return global_batch_loss(F.cross_entropy(logits, labels, reduction="none"), kn)
 
 
-def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False, global_loss_=False):
-    """One training update on its own copy of the model, with the chosen pieces switched on."""
-    from goyal_recipe import GoyalLR, Schedule, build_optimizer, use_ghost_batchnorm
+def autocast(args, device):
+    if args.precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_copy(args, base_model, device, ghost_bn, layout=None):
+    """A copy of the model on the device; with ghost_bn, its BN layers are GhostBatchNorm2d in
+    `layout` (default --ghost-bn-layout)."""
+    from goyal_recipe import GhostBatchNorm2d, use_ghost_batchnorm
 
     model = copy.deepcopy(base_model)
     if ghost_bn:
         use_ghost_batchnorm(model, args.bn_group_size)
+        for module in model.modules():
+            if isinstance(module, GhostBatchNorm2d):
+                module.layout = layout or args.ghost_bn_layout
     model.to(device).train()
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False, global_loss_=False):
+    """One training update on its own copy of the model, with the chosen pieces switched on."""
+    from goyal_recipe import GoyalLR, Schedule, build_optimizer
+
+    model = model_copy(args, base_model, device, ghost_bn)
     optimizer = build_optimizer(model, "sgd", lr=0.1)
     scheduler = None
     if goyal_lr:
@@ -78,8 +108,7 @@ def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False,
     kn = args.batch_size
 
     def update():
-        with (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.precision == "bf16"
-              else contextlib.nullcontext()):
+        with autocast(args, device):
             logits = model(images)
         loss_fn(logits.float(), labels, kn).backward()
         optimizer.step()
@@ -88,6 +117,36 @@ def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False,
             scheduler.step()
 
     return update
+
+
+def bn_layer_inputs(args, base_model, device, images):
+    """The input of every BatchNorm2d layer of the model in a training forward, in model order."""
+    model = model_copy(args, base_model, device, ghost_bn=False)
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda module, a: inputs.append(a[0].detach()))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad(), autocast(args, device):
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def make_bn_layers(args, base_model, device, inputs, ghost_layout=None):
+    """Forward and backward of each BN layer alone on its update's input, as in the update:
+    BatchNorm2d, or GhostBatchNorm2d in `ghost_layout`."""
+    model = model_copy(args, base_model, device, ghost_bn=ghost_layout is not None, layout=ghost_layout)
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    cases = [(layer, x.clone().requires_grad_(), torch.randn_like(x)) for layer, x in zip(layers, inputs)]
+
+    def passes():
+        for layer, x, grad in cases:
+            with autocast(args, device):
+                out = layer(x)
+            out.backward(grad.to(out.dtype))
+            x.grad = None
+
+    return passes
 
 
 def epoch_shuffle_batches(args):
@@ -118,13 +177,19 @@ def main(argv=None):
     import timm
 
     args = parse(argv)
+    if args.keep_freed_memory and args.device == "cpu":
+        from goyal_recipe.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     if args.batch_size % args.bn_group_size:
         raise SystemExit(f"--bn-group-size {args.bn_group_size} must divide --batch-size {args.batch_size}")
     torch.manual_seed(0)
     device = args.device
     base = timm.create_model(args.model, num_classes=args.num_classes)
-    batch = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device),
-             torch.randint(0, args.num_classes, (args.batch_size,), device=device))
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    batch = (images, torch.randint(0, args.num_classes, (args.batch_size,), device=device))
     updates = {
         "baseline": make_update(args, base, device, batch),
         "goyal_lr": make_update(args, base, device, batch, goyal_lr=True),
@@ -133,6 +198,10 @@ def main(argv=None):
         "all": make_update(args, base, device, batch, goyal_lr=True, ghost_bn=True, global_loss_=True),
     }
     seconds = common.time_interleaved(updates, args.iters, args.warmup, args.repeats, device)
+    inputs = bn_layer_inputs(args, base, device, images)
+    bn_layers = {"plain": make_bn_layers(args, base, device, inputs)}
+    bn_layers.update({layout: make_bn_layers(args, base, device, inputs, layout) for layout in GHOST_LAYOUTS})
+    bn_s = common.time_interleaved(bn_layers, args.iters, args.warmup, args.repeats, device)
     samplers = {"epoch_shuffle": epoch_shuffle_batches(args), "random": random_sampler_batches(args)}
     updates_per_epoch = args.num_samples // args.batch_size
     sampler_s = {name: [s / updates_per_epoch for s in secs] for name, secs in
@@ -152,10 +221,23 @@ def main(argv=None):
         derived["overhead_pct"][name] = v["overhead_pct"]["median"]
         rows.append([name, common.spread(v["step_ms"], "{:.2f}"), common.spread(v["overhead_ms"], "{:+.3f}"),
                      common.spread(v["overhead_pct"], "{:+.2f}")])
+    step_median = variants["baseline"]["step_ms"]["median"] / 1e3
+    variants["bn_layers_plain"] = {"ms": common.summary([1e3 * s for s in bn_s["plain"]])}
+    for layout in GHOST_LAYOUTS:
+        diff = [g - p for g, p in zip(bn_s[layout], bn_s["plain"])]
+        layers = {"ms": common.summary([1e3 * s for s in bn_s[layout]]),
+                  "overhead_ms": common.summary([1e3 * d for d in diff]),
+                  "overhead_pct": common.summary([100 * d / step_median for d in diff])}
+        name = f"ghost_bn_layers_{layout}"
+        variants[name] = layers
+        derived["overhead_ms"][name] = layers["overhead_ms"]["median"]
+        derived["overhead_pct"][name] = layers["overhead_pct"]["median"]
+        rows.append([f"{name} ({len(inputs)} BN layers alone)",
+                     f"{layers['ms']['median']:.2f} vs {variants['bn_layers_plain']['ms']['median']:.2f}",
+                     common.spread(layers["overhead_ms"], "{:+.3f}"), common.spread(layers["overhead_pct"], "{:+.2f}")])
     for name, per_update in sampler_s.items():
         variants[f"sampler_{name}"] = {"ms_per_update": common.summary([1e3 * s for s in per_update])}
     diff = [e - r for e, r in zip(sampler_s["epoch_shuffle"], sampler_s["random"])]
-    step_median = variants["baseline"]["step_ms"]["median"] / 1e3
     sampler = {"overhead_ms": common.summary([1e3 * d for d in diff]),
                "overhead_pct": common.summary([100 * d / step_median for d in diff])}
     variants["sampler"] = sampler
@@ -170,7 +252,8 @@ def main(argv=None):
                                 {"updates_per_epoch_for_sampler": updates_per_epoch})
     print(common.header(record))
     common.print_table(
-        f"{args.model} {args.image_size}px batch {args.batch_size} {args.precision}, ghost BN groups of "
+        f"{args.model} {args.image_size}px batch {args.batch_size} {args.precision}"
+        f"{', channels_last' if args.channels_last else ''}, ghost BN ({args.ghost_bn_layout}) groups of "
         f"{args.bn_group_size}: median [min, max] of {args.repeats} repeats x {args.iters} updates "
         f"(sampler: {args.num_samples} samples per epoch)",
         ["piece", "update ms", "overhead ms/update", "overhead % of update"], rows)

@@ -3,7 +3,7 @@
 A training update allocates and frees the same activations and gradients every time. glibc's
 malloc serves blocks above its mmap threshold (128 kB, adapting up to 32 MB) with fresh mappings
 and returns them to the kernel on free, and trims the top of the heap: each update then pays the
-page faults and zero-filling of most of its memory again, about 8 % of a ResNet-18 update at 64 px
+page faults and zero-filling of most of its memory again, about 9 % of a ResNet-18 update at 64 px
 on a 2-core CPU. Raising both thresholds keeps that memory mapped for the next update. The cost
 is that the process keeps its peak heap size until it exits, which a training process reaches in
 its first update anyway.

@@ -18,7 +18,9 @@ BENCH = REPO / "benchmarks"
 SCRIPTS = {
     "bench_step": (("trainer", "reference"), []),
     "bench_data": (("trainer", "reference"), ["--data-dir", "{tmp}/jpeg"]),
-    "bench_recipe_overhead": (("baseline", "goyal_lr", "ghost_bn", "global_loss", "all", "sampler"), []),
+    "bench_recipe_overhead": (("baseline", "goyal_lr", "ghost_bn", "global_loss", "all", "bn_layers_plain",
+                               "ghost_bn_layers_per_group", "ghost_bn_layers_packed", "sampler"),
+                              []),
     "bench_train": (("goyal_train",), ["--data-dir", "{tmp}/jpeg"]),
 }
 SUMMARY_KEYS = {"median", "min", "max", "q1", "q3", "n", "values"}
