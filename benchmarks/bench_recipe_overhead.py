@@ -36,12 +36,13 @@ from torch import nn
 from torch.utils.data import BatchSampler, RandomSampler
 
 import common
+from goyal_recipe.bn import LAYOUTS
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 QUICK = dict(model="resnet10t", image_size=32, batch_size=16, bn_group_size=8, num_classes=10, iters=2, warmup=1,
              repeats=2, num_samples=4096)
 PIECES = ("goyal_lr", "ghost_bn", "global_loss")
-GHOST_LAYOUTS = ("per_group", "packed")
+GHOST_LAYOUTS = tuple(layout for layout in LAYOUTS if layout != "auto")
 
 
 def parse(argv=None):
@@ -50,7 +51,7 @@ def parse(argv=None):
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64, help="= the global batch kn of the update")
     p.add_argument("--bn-group-size", type=int, default=32)
-    p.add_argument("--ghost-bn-layout", choices=("auto", "per_group", "packed"), default="auto",
+    p.add_argument("--ghost-bn-layout", choices=LAYOUTS, default="auto",
                    help="GhostBatchNorm2d layout (auto: per_group on CPU, packed on GPU)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -81,14 +82,11 @@ def autocast(args, device):
 def model_copy(args, base_model, device, ghost_bn, layout=None):
     """A copy of the model on the device; with ghost_bn, its BN layers are GhostBatchNorm2d in
     `layout` (default --ghost-bn-layout)."""
-    from goyal_recipe import GhostBatchNorm2d, use_ghost_batchnorm
+    from goyal_recipe import use_ghost_batchnorm
 
     model = copy.deepcopy(base_model)
     if ghost_bn:
-        use_ghost_batchnorm(model, args.bn_group_size)
-        for module in model.modules():
-            if isinstance(module, GhostBatchNorm2d):
-                module.layout = layout or args.ghost_bn_layout
+        use_ghost_batchnorm(model, args.bn_group_size, layout or args.ghost_bn_layout)
     model.to(device).train()
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 

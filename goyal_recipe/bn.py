@@ -145,26 +145,28 @@ def _packed_batch_norm(x, groups, running_mean, running_var, weight, bias, momen
     return out.view(n, groups, channels, height, width).transpose(0, 1).reshape(batch, channels, height, width)
 
 
-def use_ghost_batchnorm(model: nn.Module, group_size: int = 32) -> int:
-    """Replace every `nn.BatchNorm2d` of `model` by a `GhostBatchNorm2d(group_size)`, in place.
+def use_ghost_batchnorm(model: nn.Module, group_size: int = 32, layout: str = "auto") -> int:
+    """Replace every `nn.BatchNorm2d` of `model` by a `GhostBatchNorm2d(group_size, layout=layout)`, in place.
 
     Weights and running statistics are kept. Layers that are already ghost BN get the new group
-    size. Returns the number of ghost BN layers in the model afterwards. Subclasses of BatchNorm2d
+    size and layout. Returns the number of ghost BN layers in the model afterwards. Subclasses of BatchNorm2d
     that add behaviour (e.g. timm's BatchNormAct2d) cannot be swapped without losing it: they
     raise, naming the layer.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     count = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if isinstance(child, GhostBatchNorm2d):
-                child.group_size = int(group_size)
+                child.group_size, child.layout = int(group_size), layout
                 count += 1
             elif type(child) is nn.BatchNorm2d:
                 ref = child.running_mean if child.running_mean is not None else child.weight
                 ghost = GhostBatchNorm2d(child.num_features, group_size, child.eps, child.momentum, child.affine,
                                          child.track_running_stats,
                                          device=None if ref is None else ref.device,
-                                         dtype=None if ref is None else ref.dtype)
+                                         dtype=None if ref is None else ref.dtype, layout=layout)
                 ghost.load_state_dict(child.state_dict())
                 ghost.train(child.training)
                 setattr(parent, name, ghost)

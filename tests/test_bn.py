@@ -127,6 +127,14 @@ def test_both_ghost_bn_layouts_equal_separate_workers(momentum, layout, memory_f
 def test_ghost_bn_rejects_an_unknown_layout():
     with pytest.raises(ValueError, match="layout must be one of auto, per_group, packed, got 'rows'"):
         GhostBatchNorm2d(3, layout="rows")
+    with pytest.raises(ValueError, match="layout must be one of auto, per_group, packed, got 'rows'"):
+        use_ghost_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), layout="rows")
+
+
+def test_use_ghost_batchnorm_sets_the_layout_of_new_and_existing_layers():
+    model = nn.Sequential(nn.BatchNorm2d(3), GhostBatchNorm2d(4, group_size=8))
+    assert use_ghost_batchnorm(model, group_size=2, layout="packed") == 2
+    assert [(m.group_size, m.layout) for m in model] == [(2, "packed"), (2, "packed")]
 
 
 def test_ghost_bn_single_group_is_batchnorm_and_channels_last_and_bf16():
