@@ -60,12 +60,8 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  layout: str = "auto"):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if int(group_size) != group_size or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        self.group_size = int(group_size)
-        self.layout = layout
+        self.group_size = _checked_group_size(group_size)
+        self.layout = _checked_layout(layout)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout}"
@@ -92,6 +88,18 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         normalise = _per_group_batch_norm if layout == "per_group" else _packed_batch_norm
         out = normalise(x.to(dtype), groups, running_mean, running_var, self.weight, self.bias, factor, self.eps)
         return out.to(x.dtype)
+
+
+def _checked_group_size(group_size: int) -> int:
+    if int(group_size) != group_size or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size}")
+    return int(group_size)
+
+
+def _checked_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
 
 
 # Both layouts compute the same thing. Running statistics: k workers would each move their copy by
@@ -153,13 +161,12 @@ def use_ghost_batchnorm(model: nn.Module, group_size: int = 32, layout: str = "a
     that add behaviour (e.g. timm's BatchNormAct2d) cannot be swapped without losing it: they
     raise, naming the layer.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    group_size, layout = _checked_group_size(group_size), _checked_layout(layout)  # before any layer changes
     count = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if isinstance(child, GhostBatchNorm2d):
-                child.group_size, child.layout = int(group_size), layout
+                child.group_size, child.layout = group_size, layout
                 count += 1
             elif type(child) is nn.BatchNorm2d:
                 ref = child.running_mean if child.running_mean is not None else child.weight

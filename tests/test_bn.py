@@ -131,6 +131,16 @@ def test_ghost_bn_rejects_an_unknown_layout():
         use_ghost_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), layout="rows")
 
 
+def test_use_ghost_batchnorm_checks_its_arguments_before_changing_a_layer():
+    model = nn.Sequential(GhostBatchNorm2d(4, group_size=8, layout="packed"), nn.BatchNorm2d(3))
+    for kwargs, message in (({"group_size": 0}, "group_size must be a positive integer, got 0"),
+                            ({"group_size": 2, "layout": "rows"}, "layout must be one of")):
+        with pytest.raises(ValueError, match=message):
+            use_ghost_batchnorm(model, **kwargs)
+        assert (model[0].group_size, model[0].layout) == (8, "packed")
+        assert type(model[1]) is nn.BatchNorm2d
+
+
 def test_use_ghost_batchnorm_sets_the_layout_of_new_and_existing_layers():
     model = nn.Sequential(nn.BatchNorm2d(3), GhostBatchNorm2d(4, group_size=8))
     assert use_ghost_batchnorm(model, group_size=2, layout="packed") == 2
