@@ -1,5 +1,6 @@
 """The large-minibatch SGD recipe of Goyal et al. 2017 (arXiv 1706.02677) for torch training loops."""
 
+from .audit import Finding, FirstUpdateCheck, audit, refuse_silent
 from .bn import GhostBatchNorm2d, use_ghost_batchnorm, zero_init_last_bn
 from .loss import global_batch_loss
 from .lr import GoyalLR
@@ -19,5 +20,9 @@ __all__ = [
     "use_ghost_batchnorm",
     "EpochShuffleSampler",
     "global_batch_loss",
+    "audit",
+    "Finding",
+    "refuse_silent",
+    "FirstUpdateCheck",
 ]
 __version__ = "0.1.0"

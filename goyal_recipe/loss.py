@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .audit import record_loss
+
 GRAD_REDUCTIONS = ("mean", "sum")
 
 
@@ -30,4 +32,5 @@ def global_batch_loss(per_sample_loss: torch.Tensor, global_batch_size: int, wor
     if global_batch_size <= 0 or world_size <= 0:
         raise ValueError(f"global_batch_size and world_size must be > 0, got {global_batch_size}, {world_size}")
     scale = (world_size if grad_reduction == "mean" else 1) / global_batch_size
+    record_loss(per_sample_loss.numel(), scale)  # lets a FirstUpdateCheck see the normalisation really used
     return per_sample_loss.sum() * scale

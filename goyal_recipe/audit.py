@@ -1,0 +1,598 @@
+"""Where a training loop departs from the paper, one line each with the fix; and a check at the first update.
+
+`audit(...)` reads what a loop holds (model, optimizer, scheduler, sampler or loader, the batch
+chain, clipping, what its checkpoints save) and returns `Finding`s. A finding is `silent` when it
+changes the update and nothing else would show it (weight decay on BN, an LR scaled for another kn,
+data split twice, clipping, a loss divided twice, a resume that restarts the LR or the data);
+`refuse_silent` raises `RecipeMismatch` with the first one. The others are departures a user writes
+on purpose (the paper's own ablations: square-root scaling, constant or no warmup, gamma = 1) and
+are reported, not refused. `allow=("code", ...)` turns a silent finding the user wants into a
+reported one.
+
+`FirstUpdateCheck` is the runtime half, framework-free so that every integration reuses it. It
+installs a pre-hook on the innermost torch optimizer (the one whose `step()` runs once per real
+update, under accelerate's and DeepSpeed's wrappers alike) and, at the first real update:
+
+- evaluates the static audit then, when the loop is fully assembled (after `prepare`, after
+  `load_state`);
+- checks what only the running loop shows: the samples that really went into the update, summed
+  over micro-batches and all-reduced over ranks, against kn; the weight each sample's loss got in
+  the final gradient (the loss helper's factor, divided by the engine's own division of the loss
+  and by the ranks' mean) against 1/kn (Remark 3); the LR the optimizer is about to use against
+  the schedule; the data position (sampler epoch and offset) against the LR's position;
+  a clipping call the integration saw;
+- logs the reported findings on rank 0 and raises `RecipeMismatch` on a silent one (every rank
+  reaches the same verdict: the runtime numbers are all-reduced first).
+
+Loss helpers report each micro-batch to the active checks with `record_loss(num_samples, scale)`
+(`global_batch_loss` does, so its use under an engine that divides again is caught). The hooks stay
+until the first update of the next epoch, where the sampler must have moved to that epoch (a
+sampler that does not reshuffle per epoch), and are then removed: no cost afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import SequentialSampler
+
+from .errors import RecipeMismatch
+from .lr import GoyalLR, _innermost_optimizer
+from .optim import _is_norm
+from .sampler import EpochShuffleSampler
+from .schedule import Schedule, scaled_lr
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_TOLERANCE = 1e-6  # relative; a wrong normalisation is off by a whole factor (A, k, n)
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str  # stable snake_case id
+    message: str  # one line: where the loop departs from the paper, and the fix
+    silent: bool  # changes the update with no other symptom: the integrations refuse it
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def refuse_silent(findings: list[Finding]) -> None:
+    """Raise `RecipeMismatch` naming the first silent finding (and the codes of the others); no-op if none."""
+    silent = [f for f in findings if f.silent]
+    if not silent:
+        return
+    more = f" (and {len(silent) - 1} more: {', '.join(f.code for f in silent[1:])})" if len(silent) > 1 else ""
+    raise RecipeMismatch(f"{silent[0]}{more}")
+
+
+def allowed(findings: list[Finding], allow: Iterable[str]) -> list[Finding]:
+    """The findings with those whose code is in `allow` kept as reported, not refused."""
+    allow = set(allow)
+    return [dataclasses.replace(f, silent=False) if f.code in allow else f for f in findings]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the loop holds
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module under DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def unwrap_scheduler(scheduler):
+    """The scheduler under wrappers that keep it in `.scheduler` (accelerate's AcceleratedScheduler)."""
+    while scheduler is not None and not isinstance(scheduler, GoyalLR) and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    return scheduler
+
+
+@dataclass
+class LoaderParts:
+    sampler: object | None  # the index sampler under any batch sampler
+    shards: int  # how many ways the loader itself splits the batches (accelerate's BatchSamplerShard)
+    micro_batch: int | None  # samples per micro-batch on one rank
+
+
+def loader_parts(loader) -> LoaderParts:
+    """The sampler of a DataLoader, and how a framework's wrapping of it splits the data (duck-typed)."""
+    shards, split_batches, batch_size = 1, False, getattr(loader, "batch_size", None)
+    node = getattr(loader, "batch_sampler", None)
+    sampler = getattr(loader, "sampler", None)
+    while node is not None:
+        if hasattr(node, "num_processes") and hasattr(node, "process_index"):
+            shards *= int(node.num_processes)
+            split_batches = split_batches or bool(getattr(node, "split_batches", False))
+        if getattr(node, "batch_size", None):
+            batch_size = node.batch_size
+        inner = getattr(node, "batch_sampler", None)
+        if inner is None:
+            sampler = getattr(node, "sampler", sampler)
+            break
+        node = inner
+    micro = None if batch_size is None else (batch_size // shards if split_batches else batch_size)
+    return LoaderParts(sampler, shards, micro)
+
+
+def _sampler_replicas(sampler) -> int:
+    return int(getattr(sampler, "num_replicas", 1) or 1)
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The audit
+
+
+def audit(*, model: nn.Module | None = None, optimizer=None, scheduler=None, sampler=None, loader=None,
+          global_batch_size: int | None = None, world_size: int = 1, accumulation_steps: int = 1,
+          per_device_batch_size: int | None = None, bn_group_size: int | None = 32,
+          grad_clip_norm: float | None = None, schedule: Schedule | None = None,
+          bias_weight_decay: float | None = None, checkpointed: Iterable | None = None,
+          fresh_start: bool | None = None, fix_loader: str = "", allow: Iterable[str] = ()) -> list[Finding]:
+    """Where this loop departs from the paper's update; one `Finding` per departure, with its fix.
+
+    Pass what the loop has; what is left out is not checked. `global_batch_size` is the kn the loop
+    means (default: the schedule's); the loop's real kn is world_size x per_device_batch_size x
+    accumulation_steps (the micro-batch is read from `loader` when not given). `schedule` defaults to
+    a `GoyalLR` scheduler's. `bn_group_size`: the BN batch the recipe wants (None: not checked).
+    `bias_weight_decay`: the decay wanted on non-norm biases (None: not checked, the paper is silent).
+    `checkpointed`: the objects the loop's checkpoints save (None: not checked); an object counts for
+    what it holds in `.scheduler` and `.sampler` too. `fresh_start`: whether the weights are newly
+    initialised, where zero-gamma is checked (default: the scheduler has done no update).
+    `fix_loader`: the integration's own advice for a data split, appended to those findings.
+    """
+    findings: list[Finding] = []
+    goyal = unwrap_scheduler(scheduler)
+    if schedule is None and isinstance(goyal, GoyalLR):
+        schedule = goyal.schedule
+    parts = loader_parts(loader) if loader is not None else LoaderParts(None, 1, None)
+    sampler = sampler if sampler is not None else parts.sampler
+    n = per_device_batch_size if per_device_batch_size is not None else parts.micro_batch
+    real_kn = world_size * n * accumulation_steps if n is not None else None
+    kn = global_batch_size if global_batch_size is not None else (
+        schedule.global_batch_size if schedule is not None else real_kn)
+    inner_model = unwrap_model(model) if model is not None else None
+
+    if optimizer is not None and inner_model is not None:
+        findings += _weight_decay_findings(inner_model, optimizer, bias_weight_decay)
+    findings += _schedule_findings(schedule, scheduler, goyal, optimizer, kn, real_kn, world_size, n,
+                                   accumulation_steps)
+    findings += _data_findings(sampler, parts, world_size, kn, accumulation_steps, n, goyal, loader, fix_loader)
+    if inner_model is not None:
+        findings += _bn_findings(inner_model, bn_group_size, n, fresh_start, goyal)
+    if grad_clip_norm:
+        findings.append(Finding(
+            "grad_clipping",
+            f"gradients are clipped to norm {grad_clip_norm:g}: no part of the paper's update, it shrinks every "
+            "update whose gradient norm exceeds the bound; turn clipping off (or allow 'grad_clipping' on purpose)",
+            True))
+    if checkpointed is not None:
+        findings += _checkpoint_findings(checkpointed, goyal, sampler)
+    return allowed(findings, allow)
+
+
+def _weight_decay_findings(model, optimizer, bias_weight_decay) -> list[Finding]:
+    inner = _innermost_optimizer(optimizer)
+    decay_of = {id(p): float(g.get("weight_decay", 0.0) or 0.0) for g in inner.param_groups for p in g["params"]}
+    if not any(id(p) in decay_of for p in model.parameters()):
+        return []  # the optimizer holds copies (a sharded or flattened engine): nothing to match here
+    findings = []
+    norm_decayed, bias_off = [], []
+    for module_name, module in model.named_modules():
+        norm = _is_norm(module)
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            decay = decay_of.get(id(param))
+            if decay is None:
+                continue
+            if norm and decay > 0:
+                norm_decayed.append((name, decay))
+            elif not norm and param.ndim <= 1 and bias_weight_decay is not None and decay != bias_weight_decay:
+                bias_off.append((name, decay))
+    if norm_decayed:
+        findings.append(Finding(
+            "norm_weight_decay",
+            f"weight decay {norm_decayed[0][1]:g} on {len(norm_decayed)} normalisation parameters "
+            f"({_names([n for n, _ in norm_decayed])}); the paper decays no BN gamma or beta (Sec. 5.1): build the "
+            "optimizer over goyal_recipe.param_groups(model) (or build_optimizer), which groups by module type", True))
+    if bias_off:
+        findings.append(Finding(
+            "bias_weight_decay",
+            f"weight decay {bias_off[0][1]:g} on {len(bias_off)} biases ({_names([n for n, _ in bias_off])}) "
+            f"where {bias_weight_decay:g} was wanted; build the optimizer over "
+            f"param_groups(model, bias_weight_decay={bias_weight_decay:g})", True))
+    return findings
+
+
+def _schedule_findings(schedule, scheduler, goyal, optimizer, kn, real_kn, world_size, n, accumulation) -> list[Finding]:
+    findings = []
+    if schedule is None:
+        if optimizer is not None or scheduler is not None:
+            what = "no LR scheduler" if scheduler is None else f"the scheduler {type(goyal).__name__} is not a GoyalLR"
+            findings.append(Finding(
+                "scheduler_unchecked",
+                f"{what}: the peak LR, warmup and decay cannot be checked against the recipe; use "
+                "GoyalLR(optimizer, Schedule(global_batch_size=kn), updates_per_epoch)", False))
+        return findings
+    if kn is not None and real_kn is not None and kn != real_kn:
+        findings.append(Finding(
+            "batch_mismatch",
+            f"kn = {kn} but each update takes world {world_size} x micro-batch {n} x accumulation {accumulation} = "
+            f"{real_kn} samples; make the three multiply to kn", True))
+    if real_kn is not None and schedule.global_batch_size != real_kn:
+        right = scaled_lr(schedule.base_lr, real_kn, schedule.base_batch_size, schedule.scaling)
+        findings.append(Finding(
+            "lr_batch_size",
+            f"the peak LR {schedule.peak_lr:g} is scaled for kn = {schedule.global_batch_size} but each update takes "
+            f"{real_kn} samples (world {world_size} x micro-batch {n} x accumulation {accumulation}), whose rule "
+            f"gives {right:g}; build Schedule(global_batch_size={real_kn})", True))
+    if schedule.scaling != "linear":
+        findings.append(Finding(
+            "lr_scaling",
+            f"{schedule.scaling} LR scaling (peak {schedule.peak_lr:g}); the paper's rule is linear "
+            f"({scaled_lr(schedule.base_lr, schedule.global_batch_size, schedule.base_batch_size):g}); "
+            "Schedule(scaling='linear')", False))
+    if schedule.warmup != "gradual":
+        findings.append(Finding(
+            "warmup_kind",
+            f"warmup={schedule.warmup!r}; the paper's large-kn recipe warms up gradually over 5 epochs (Table 1); "
+            "Schedule(warmup='gradual')", False))
+    reference = min(schedule.base_lr, schedule.peak_lr)
+    if schedule.warmup != "none" and not math.isclose(schedule.start_lr, reference, rel_tol=1e-12):
+        findings.append(Finding(
+            "warmup_start",
+            f"the warmup starts at LR {schedule.start_lr:g}, not at the reference minibatch's {reference:g} "
+            "where the paper starts it (Sec. 2.2); leave Schedule(warmup_start_lr=None)", False))
+    return findings
+
+
+def _data_findings(sampler, parts, world_size, kn, accumulation, n, goyal, loader, fix_loader) -> list[Finding]:
+    findings = []
+    fix = f"; {fix_loader}" if fix_loader else ""
+    if sampler is not None:
+        replicas = _sampler_replicas(sampler)
+        splits = replicas * parts.shards
+        if splits != world_size:
+            if replicas > 1 and parts.shards > 1:
+                findings.append(Finding(
+                    "data_split_twice",
+                    f"the sampler splits the data {replicas} ways and the prepared loader splits it {parts.shards} "
+                    f"ways again: each rank sees 1/{splits} of the data, and an epoch has 1/{splits // world_size} "
+                    f"of its updates (Remark 4: one split){fix}", True))
+            elif splits == 1:
+                findings.append(Finding(
+                    "data_not_split",
+                    f"nothing splits the data over the {world_size} ranks: every rank reads the whole epoch "
+                    f"(Remark 4: one shuffle per epoch divided among the workers){fix}", True))
+            else:
+                findings.append(Finding(
+                    "data_split_mismatch",
+                    f"the data is split {splits} ways (sampler {replicas} x loader {parts.shards}) for "
+                    f"{world_size} ranks; split it exactly once over the ranks{fix}", True))
+        if isinstance(sampler, SequentialSampler) or getattr(sampler, "shuffle", True) is False:
+            findings.append(Finding(
+                "sampler_not_shuffled",
+                f"{type(sampler).__name__} does not shuffle: every epoch has the same order (Remark 4: one random "
+                "shuffle per epoch); use EpochShuffleSampler", True))
+        if (isinstance(sampler, EpochShuffleSampler) and sampler.drop_last and kn
+                and (sampler.kept_samples * parts.shards) % kn):
+            findings.append(Finding(
+                "partial_update",
+                f"the sampler keeps {sampler.kept_samples} samples per epoch, not a whole number of updates of "
+                f"kn = {kn}: the epoch's last update would be short; build it with batch_size=micro-batch and "
+                "accumulation_steps so that batch_size x num_replicas x accumulation_steps = kn", True))
+    if isinstance(goyal, GoyalLR) and n and world_size:
+        per_rank = None
+        if isinstance(sampler, EpochShuffleSampler):
+            per_rank = sampler._rank_count() // parts.shards
+        elif loader is not None and hasattr(loader, "__len__"):
+            try:
+                per_rank = len(loader) * n
+            except TypeError:
+                per_rank = None
+        if per_rank is not None:
+            data_updates = per_rank // (n * accumulation)
+            if data_updates != goyal.updates_per_epoch:
+                findings.append(Finding(
+                    "updates_per_epoch",
+                    f"the LR schedule counts {goyal.updates_per_epoch} updates per epoch but each rank's data gives "
+                    f"{data_updates} ({per_rank} samples / (micro-batch {n} x accumulation {accumulation})): the "
+                    f"warmup and milestones land at the wrong epochs; build GoyalLR with the data's updates per "
+                    f"epoch (num_samples // kn){fix}", True))
+    return findings
+
+
+def _bn_findings(model, bn_group_size, n, fresh_start, goyal) -> list[Finding]:
+    findings = []
+    if bn_group_size is not None:
+        wrong: dict[str, list[str]] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            if isinstance(module, nn.SyncBatchNorm):
+                group = "all ranks' samples (SyncBatchNorm)"
+            elif getattr(module, "group_size", None):  # ghost BN
+                group = int(module.group_size)
+                if group == bn_group_size:
+                    continue
+            elif n is None or n == bn_group_size:
+                continue
+            else:
+                group = n
+            wrong.setdefault(str(group), []).append(name)
+        for group, names in wrong.items():
+            findings.append(Finding(
+                "bn_group_size",
+                f"BN statistics over {group}{' samples' if group.isdigit() else ''} in {len(names)} layers "
+                f"({_names(names)}), not over the recipe's group of {bn_group_size} (Sec. 5.1: per worker, "
+                f"n = 32); use_ghost_batchnorm(model, group_size={bn_group_size}), or audit with the BN group "
+                "you mean", True))
+    if fresh_start is None:
+        fresh_start = not isinstance(goyal, GoyalLR) or goyal.updates_done == 0
+    if fresh_start:
+        missing = _zero_gamma_missing(model)
+        if missing:
+            findings.append(Finding(
+                "zero_gamma_missing",
+                f"gamma is not zero in the last BN of {len(missing)} residual blocks ({_names(missing)}); the paper "
+                "starts each block as the identity (Sec. 5.1): zero_init_last_bn(model) before training", False))
+    return findings
+
+
+def _zero_gamma_missing(model: nn.Module) -> list[str]:
+    """Names of last-in-block BN layers that `zero_init_last_bn` would zero but whose gamma is not zero."""
+    from .bn import zero_init_last_bn  # the core's own rule for which BN is last in a block
+
+    try:
+        probe = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be copied is not checked, not refused
+        return []
+    with torch.no_grad():
+        names = zero_init_last_bn(probe)
+    modules = dict(model.named_modules())
+    return [name for name in names
+            if getattr(modules.get(name), "weight", None) is not None and bool(modules[name].weight.detach().any())]
+
+
+def _checkpoint_findings(checkpointed, goyal, sampler) -> list[Finding]:
+    covered: set[int] = set()
+    stack = list(checkpointed)
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in covered:
+            continue
+        covered.add(id(obj))
+        stack += [getattr(obj, "scheduler", None), getattr(obj, "sampler", None)]
+    findings = []
+    if isinstance(goyal, GoyalLR) and id(goyal) not in covered:
+        findings.append(Finding(
+            "scheduler_not_checkpointed",
+            "the checkpoints do not save the GoyalLR scheduler: a resumed run restarts the warmup at update 0; "
+            "save its state_dict (accelerate: prepare it or register_for_checkpointing)", True))
+    if sampler is not None and hasattr(sampler, "state_dict") and id(sampler) not in covered:
+        findings.append(Finding(
+            "sampler_not_checkpointed",
+            "the checkpoints do not save the sampler's position: a resumed run restarts the epoch's data at its "
+            "first sample; save its state_dict (accelerate: register_for_checkpointing)", True))
+    return findings
+
+
+# ---------------------------------------------------------------------------------------------------
+# The runtime check at the first update
+
+_ACTIVE: list["FirstUpdateCheck"] = []
+
+
+def record_loss(num_samples: int, scale: float) -> None:
+    """Called by loss helpers per micro-batch: `num_samples` per-sample losses, each multiplied by `scale`."""
+    for check in _ACTIVE:
+        check.record_loss(num_samples, scale)
+
+
+class FirstUpdateCheck:
+    """Audits a loop at its first real optimizer update and refuses silent findings (see the module docstring).
+
+    `static`: returns the static findings (typically a closure over `audit(...)`), evaluated at the
+    first update. `loss_divisor`: what the engine divides the backward loss by (accelerate: its
+    gradient_accumulation_steps; DeepSpeed: its accumulation steps unless scale_wrt_gas=False).
+    `grad_reduction`: "mean" when the gradient all-reduce averages over `world_size` ranks.
+    `schedule`/`scheduler`: the LR expected at each update; `sampler`: whose epoch and offset must
+    match the LR's position. `fix_loss`: the integration's advice for a wrong loss normalisation.
+    `on_remove`: called once the hooks are gone (to undo an integration's own instrumentation).
+    """
+
+    def __init__(self, optimizer, *, global_batch_size: int, world_size: int = 1, loss_divisor: int = 1,
+                 grad_reduction: str = "mean", static: Callable[[], list[Finding]] | None = None,
+                 scheduler=None, schedule: Schedule | None = None, sampler=None, allow: Iterable[str] = (),
+                 fix_loss: str = "normalise each micro-batch's per-sample losses with global_batch_loss",
+                 on_remove: Callable[[], None] | None = None):
+        self.optimizer = _innermost_optimizer(optimizer)
+        self.global_batch_size = int(global_batch_size)
+        self.world_size = int(world_size)
+        self.loss_divisor = loss_divisor
+        self.grad_reduction = grad_reduction
+        self.static = static or (lambda: [])
+        self.scheduler = unwrap_scheduler(scheduler)
+        self.schedule = schedule if schedule is not None else getattr(self.scheduler, "schedule", None)
+        self.sampler = sampler
+        self.allow = tuple(allow)
+        self.fix_loss = fix_loss
+        self.on_remove = on_remove
+        self.findings: list[Finding] | None = None  # what the first update found
+        self._samples = 0
+        self._weighted = 0.0  # sum over samples of (weight in the gradient x kn): kn x 1/kn = 1 each when right
+        self._wrong = 0
+        self._records = 0
+        self._clip: float | None = None
+        self._first_update: int | None = None
+        self._first_epoch: int | None = None
+        self._handles = [self.optimizer.register_step_pre_hook(self._before_update)]
+        _ACTIVE.append(self)
+
+    # what the loop reports while it runs
+    def record_loss(self, num_samples: int, scale: float) -> None:
+        divisor = self.loss_divisor() if callable(self.loss_divisor) else self.loss_divisor
+        weight = float(scale) / divisor / (self.world_size if self.grad_reduction == "mean" else 1)
+        self._samples += int(num_samples)
+        self._weighted += int(num_samples) * weight * self.global_batch_size
+        self._wrong += abs(weight * self.global_batch_size - 1.0) > _WEIGHT_TOLERANCE
+        self._records += 1
+
+    def record_clipping(self, max_norm: float) -> None:
+        self._clip = float(max_norm)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if self.on_remove is not None:
+            self.on_remove()
+            self.on_remove = None
+
+    def _update_index(self) -> int | None:
+        return self.scheduler.updates_done if isinstance(self.scheduler, GoyalLR) else None
+
+    def _before_update(self, optimizer, args, kwargs) -> None:
+        if self.findings is None:
+            try:
+                self._check_first()
+            except BaseException:
+                self.remove()
+                raise
+        else:
+            self._check_next_epoch()
+
+    def _check_first(self) -> None:
+        findings = list(self.static()) + self._runtime_findings()
+        self.findings = allowed(findings, self.allow)
+        self._report(self.findings)
+        refuse_silent(self.findings)
+        update = self._update_index()
+        self._first_update = update
+        self._first_epoch = getattr(self.sampler, "epoch", None)
+        if update is None or self._first_epoch is None:
+            self.remove()
+        else:
+            _ACTIVE.remove(self)  # the loss is checked once; the hook waits for the next epoch
+
+    def _check_next_epoch(self) -> None:
+        update, upe = self._update_index(), self.scheduler.updates_per_epoch
+        if update // upe == self._first_update // upe:
+            return
+        self.remove()
+        epoch = getattr(self.sampler, "epoch", None)
+        if epoch is not None and epoch == self._first_epoch:
+            refuse_silent(allowed([Finding(
+                "sampler_not_reshuffled",
+                f"update {update} starts epoch {update // upe} but the sampler is still at epoch {epoch}: the "
+                "epoch repeats the last one's order (Remark 4: one shuffle per epoch); call "
+                "sampler.set_epoch(epoch) (or loader.set_epoch) before each epoch", True)], self.allow))
+
+    def _report(self, findings: list[Finding]) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        if rank == 0:
+            for f in findings:
+                if not f.silent:
+                    log.warning("recipe audit: %s", f)
+
+    def _reduced(self) -> tuple[int, float, int, int]:
+        values = [float(self._samples), self._weighted, float(self._wrong), float(self._records)]
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = next((p.device for g in self.optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+            if torch.distributed.get_backend() == "gloo":
+                device = torch.device("cpu")
+            tensor = torch.tensor(values, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(tensor)
+            values = tensor.tolist()
+        samples, weighted, wrong, records = values
+        return int(round(samples)), weighted, int(round(wrong)), int(round(records))
+
+    def _runtime_findings(self) -> list[Finding]:
+        findings = []
+        kn = self.global_batch_size
+        samples, weighted, wrong, records = self._reduced()
+        if records == 0:
+            findings.append(Finding(
+                "loss_unchecked",
+                "the first update's loss did not go through the recipe's loss helper, so its normalisation by kn "
+                f"and the samples per update are unchecked; {self.fix_loss}", False))
+        else:
+            if samples != kn:
+                findings.append(Finding(
+                    "samples_per_update",
+                    f"the first update used {samples} samples over all ranks and micro-batches, not kn = {kn}: "
+                    "step the optimizer once per kn samples (micro-batch x ranks x accumulation = kn) and pass "
+                    "per-sample losses (reduction='none')", True))
+            if wrong:
+                factor = weighted / samples if samples else 0.0
+                twice = factor < 1 and math.isclose(1 / factor, round(1 / factor), rel_tol=1e-6)
+                findings.append(Finding(
+                    "loss_divided_twice" if twice else "loss_scale",
+                    f"each sample's gradient carries {factor:.6g} x 1/kn instead of 1/kn (Remark 3: the update is "
+                    f"the mean over all kn samples){' - the loss is divided a second time' if twice else ''}; "
+                    f"{self.fix_loss}", True))
+        if self._clip is not None:
+            findings.append(Finding(
+                "grad_clipping",
+                f"the loop clips gradients to norm {self._clip:g}, which is no part of the paper's update; drop the "
+                "clip_grad_norm_ call (or allow 'grad_clipping' on purpose)", True))
+        findings += self._position_findings()
+        return findings
+
+    def _position_findings(self) -> list[Finding]:
+        findings = []
+        update = self._update_index()
+        if self.schedule is not None and update is not None:
+            upe = self.scheduler.updates_per_epoch
+            expected = self.schedule.lr(update / upe)
+            for group in self.optimizer.param_groups:
+                want = expected * group.get("lr_scale", 1.0)
+                if not math.isclose(group["lr"], want, rel_tol=1e-9, abs_tol=1e-15):
+                    findings.append(Finding(
+                        "lr_off_schedule",
+                        f"update {update} is about to use LR {group['lr']:g}, not the schedule's {want:g}: something "
+                        "else sets the LR; let GoyalLR alone set it", True))
+                    break
+            sampler = self.sampler
+            epoch = getattr(sampler, "epoch", None)
+            if epoch is not None:
+                in_epoch = update % upe
+                start = getattr(sampler, "start", 0)
+                per_update = self.global_batch_size // _sampler_replicas(sampler)
+                if epoch != update // upe or (hasattr(sampler, "start") and start != in_epoch * per_update):
+                    findings.append(Finding(
+                        "data_position",
+                        f"the LR is at update {update} (epoch {update // upe}, update {in_epoch} of {upe}) but the "
+                        f"data at epoch {epoch}, sample {start} of this rank: a resume restored one and not the "
+                        "other; checkpoint the recipe's state (scheduler and sampler) and restore both", True))
+                elif in_epoch and not hasattr(sampler, "start"):
+                    findings.append(Finding(
+                        "data_position",
+                        f"resumed at update {in_epoch} of epoch {update // upe}, but {type(sampler).__name__} "
+                        "cannot start mid-epoch: the epoch's first samples are seen twice; use EpochShuffleSampler",
+                        True))
+        return findings
