@@ -419,13 +419,13 @@ class FirstUpdateCheck:
     `on_remove`: called once the hooks are gone (to undo an integration's own instrumentation).
     """
 
-    def __init__(self, optimizer, *, global_batch_size: int, world_size: int = 1, loss_divisor: int = 1,
+    def __init__(self, optimizer, *, global_batch_size: int | None = None, world_size: int = 1, loss_divisor: int = 1,
                  grad_reduction: str = "mean", static: Callable[[], list[Finding]] | None = None,
                  scheduler=None, schedule: Schedule | None = None, sampler=None, allow: Iterable[str] = (),
                  fix_loss: str = "normalise each micro-batch's per-sample losses with global_batch_loss",
                  on_remove: Callable[[], None] | None = None):
         self.optimizer = _innermost_optimizer(optimizer)
-        self.global_batch_size = int(global_batch_size)
+        self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.world_size = int(world_size)
         self.loss_divisor = loss_divisor
         self.grad_reduction = grad_reduction
@@ -449,6 +449,8 @@ class FirstUpdateCheck:
 
     # what the loop reports while it runs
     def record_loss(self, num_samples: int, scale: float) -> None:
+        if self.global_batch_size is None:
+            return
         divisor = self.loss_divisor() if callable(self.loss_divisor) else self.loss_divisor
         weight = float(scale) / divisor / (self.world_size if self.grad_reduction == "mean" else 1)
         self._samples += int(num_samples)
@@ -535,7 +537,9 @@ class FirstUpdateCheck:
         findings = []
         kn = self.global_batch_size
         samples, weighted, wrong, records = self._reduced()
-        if records == 0:
+        if kn is None:
+            pass
+        elif records == 0:
             findings.append(Finding(
                 "loss_unchecked",
                 "the first update's loss did not go through the recipe's loss helper, so its normalisation by kn "
@@ -582,7 +586,8 @@ class FirstUpdateCheck:
             if epoch is not None:
                 in_epoch = update % upe
                 start = getattr(sampler, "start", 0)
-                per_update = self.global_batch_size // _sampler_replicas(sampler)
+                kn = self.global_batch_size or self.schedule.global_batch_size
+                per_update = kn // _sampler_replicas(sampler)
                 if epoch != update // upe or (hasattr(sampler, "start") and start != in_epoch * per_update):
                     findings.append(Finding(
                         "data_position",
@@ -596,3 +601,9 @@ class FirstUpdateCheck:
                         "cannot start mid-epoch: the epoch's first samples are seen twice; use EpochShuffleSampler",
                         True))
         return findings
+
+
+def refuse_at_first_update(optimizer, findings: Callable[[], list[Finding]], **check) -> FirstUpdateCheck:
+    """Install a `FirstUpdateCheck` whose static part is `findings()`; `check` are its other keywords
+    (give `global_batch_size` and `world_size` for the runtime checks of samples and loss weight)."""
+    return FirstUpdateCheck(optimizer, static=findings, **check)
