@@ -4,6 +4,7 @@ from .audit import Finding, FirstUpdateCheck, audit, refuse_silent
 from .bn import GhostBatchNorm2d, use_ghost_batchnorm, zero_init_last_bn
 from .loss import global_batch_loss
 from .lr import GoyalLR
+from .noise_scale import GradientNoiseScale, noise_scale_estimates
 from .optim import LRFoldedSGD, build_optimizer, param_groups
 from .sampler import EpochShuffleSampler
 from .schedule import Schedule, scaled_lr
@@ -24,5 +25,7 @@ __all__ = [
     "Finding",
     "refuse_silent",
     "FirstUpdateCheck",
+    "noise_scale_estimates",
+    "GradientNoiseScale",
 ]
 __version__ = "0.1.0"
