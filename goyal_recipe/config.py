@@ -90,6 +90,11 @@ class RunConfig(_Section):
     """A rank waiting longer than this in a collective (e.g. for a dead peer) fails instead of hanging."""
     inject_nonfinite_updates: list[int] = []
     """Fault injection for tests: the loss of these updates (1-based) is made NaN on the last rank."""
+    noise_scale: bool = True
+    """Measure the gradient noise scale B_simple (McCandlish et al. 2018) from each update's own gradients:
+    logged as noise_scale, noise_grad_sq, noise_trace_sigma; needs world size x accumulation steps >= 2."""
+    noise_scale_ema_decay: float = Field(0.95, ge=0, lt=1)
+    """Decay of the moving averages of |G|^2 and tr(Sigma) over updates (0.95: about the last 20 updates)."""
 
 
 class GenerateConfig(_Section):
@@ -186,8 +191,11 @@ class BatchConfig(_Section):
 
 
 class OptimConfig(_Section):
-    optimizer: Literal["sgd", "folded_sgd"] = "sgd"
-    """sgd: torch.optim.SGD (eq. 9); folded_sgd: LR inside the velocity (eq. 10) with momentum correction."""
+    optimizer: Literal["sgd", "folded_sgd", "lars", "lamb"] = "sgd"
+    """sgd: torch.optim.SGD (eq. 9); folded_sgd: LR inside the velocity (eq. 10) with momentum correction;
+    lars, lamb: timm's Lars and Lamb (You et al. 2017, 2019), BN and biases excluded from decay and trust ratio."""
+    trust_coefficient: float = Field(0.001, gt=0)
+    """lars: the trust coefficient eta of the layer-wise LR eta |w| / (|g| + lambda |w|) (You et al. 2017)."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """Momentum m of eq. (9)."""
     nesterov: bool = True
@@ -214,8 +222,10 @@ class OptimConfig(_Section):
     """Length of the warmup."""
     warmup_start_lr: float | None = Field(None, ge=0)
     """LR at the start of the warmup; None: base_lr, the LR of the reference minibatch."""
-    decay: Literal["step", "cosine", "none"] = "step"
-    """After the warmup: step (x gamma at each milestone), cosine, or none."""
+    decay: Literal["step", "cosine", "poly", "none"] = "step"
+    """After the warmup: step (x gamma at each milestone), cosine, poly (polynomial to 0), or none."""
+    poly_power: float = Field(2.0, gt=0)
+    """Power of the poly decay (2 in You et al.'s LARS ResNet-50 runs)."""
     milestones: list[float] = [30, 60, 80]
     """Epochs at which step decay multiplies the LR by gamma."""
     gamma: float = Field(0.1, gt=0)
@@ -266,7 +276,7 @@ class RecipeConfig(_Section):
         return Schedule(global_batch_size=self.batch.global_batch_size, base_lr=o.base_lr,
                         base_batch_size=o.base_batch_size, scaling=o.scaling, warmup=o.warmup,
                         warmup_epochs=o.warmup_epochs, warmup_start_lr=o.warmup_start_lr, decay=o.decay,
-                        milestones=tuple(o.milestones), gamma=o.gamma, epochs=o.epochs)
+                        milestones=tuple(o.milestones), gamma=o.gamma, epochs=o.epochs, poly_power=o.poly_power)
 
     @property
     def run_dir(self) -> Path:

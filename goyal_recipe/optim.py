@@ -1,4 +1,4 @@
-"""Optimizers of the recipe: weight-decay groups, SGD in the paper's form (10), and a builder.
+"""Optimizers of the recipe: weight-decay groups, SGD in the paper's form (10), LARS and LAMB, and a builder.
 
 Why torch.optim.SGD needs no momentum correction (Remark 2): it keeps the velocity in gradient
 units, u <- m u + g, and applies the LR when it updates the weights, w <- w - eta u (eq. 9). A new
@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class OptimizerError(UserError):
+    """An optimizer setting the recipe cannot apply; the message names the key and the fix."""
 
 _NORM_TYPES = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, GhostBatchNorm2d
@@ -159,7 +165,8 @@ class LRFoldedSGD(Optimizer):
         torch._foreach_sub_(params, steps)
 
 
-OPTIMIZERS = ("sgd", "folded_sgd")
+OPTIMIZERS = ("sgd", "folded_sgd", "lars", "lamb")
+LAYERWISE = ("lars", "lamb")
 # torch.optim.SGD's fused kernel (one launch per update for all tensors); the CUDA one exists in every
 # torch the project supports (>= 2.4), the check keeps a build without it on the foreach path.
 _SGD_HAS_FUSED = "fused" in inspect.signature(torch.optim.SGD).parameters
@@ -176,15 +183,21 @@ def build_optimizer(
     bias_weight_decay: float | None = None,
     momentum_correction: bool = True,
     foreach: bool | None = None,
+    trust_coefficient: float = 0.001,
 ) -> Optimizer:
     """The recipe's optimizer over `param_groups(model, ...)`; build it once the model is on its device.
 
     kind="sgd": torch.optim.SGD (eq. 9, no correction needed); kind="folded_sgd": `LRFoldedSGD`
-    (eq. 10, with `momentum_correction`). The initial `lr` is overwritten by `GoyalLR`.
+    (eq. 10, with `momentum_correction`); kind="lars" / "lamb": timm's `Lars` (SGD with momentum and
+    the layer-wise LR `trust_coefficient` x |w| / (|g| + lambda |w|), You et al. 2017, arXiv 1708.03888)
+    and `Lamb` (Adam with the trust ratio |w| / |update|, You et al. 2019, arXiv 1904.00962, no gradient
+    clipping: the recipe's `grad_clip_norm` is the one place for it). The initial `lr` is overwritten by `GoyalLR`.
     `foreach=None` takes the fast path: torch's fused SGD kernel when every parameter is on a CUDA
     device, else one torch._foreach_* op per line of the update over all tensors; `False` updates
     tensor by tensor. All give the same update.
     """
+    if kind in LAYERWISE and bias_weight_decay is None:
+        bias_weight_decay = 0.0  # LARS and LAMB leave biases out of decay and trust ratio
     groups = param_groups(model, weight_decay, norm_weight_decay, bias_weight_decay)
     if kind == "sgd":
         if foreach is None:
@@ -196,4 +209,28 @@ def build_optimizer(
     if kind == "folded_sgd":
         return LRFoldedSGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
                            momentum_correction=momentum_correction, foreach=foreach is not False)
+    if kind in LAYERWISE:
+        return _layerwise(kind, groups, lr, momentum, nesterov, trust_coefficient, foreach)
     raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def _layerwise(kind: str, groups: list[dict], lr: float, momentum: float, nesterov: bool, trust_coefficient: float,
+               foreach: bool | None) -> Optimizer:
+    """timm's Lars or Lamb over the recipe's groups, BN and biases outside both weight decay and the trust ratio.
+
+    timm applies a group's trust ratio where its weight_decay != 0 or its `always_adapt` is set: the
+    weights group ("decay") adapts always (also with weight_decay = 0), the "norm" and "bias" groups
+    never, which needs their weight decay to be 0 (You et al. exclude them; so does timm's own recipe).
+    """
+    from timm.optim import Lamb, Lars
+
+    for group in groups:
+        if group["name"] != "decay" and group["weight_decay"] != 0:
+            key = "norm_weight_decay" if group["name"] == "norm" else "bias_weight_decay"
+            raise OptimizerError(f"optim.optimizer={kind} leaves BN and bias parameters out of weight decay and the "
+                                 f"trust ratio, but optim.{key}={group['weight_decay']:g}; set optim.{key}=0")
+        group["always_adapt"] = group["name"] == "decay"
+    if kind == "lars":
+        return Lars(groups, lr=lr, momentum=momentum, nesterov=nesterov, trust_coeff=trust_coefficient,
+                    foreach=foreach)
+    return Lamb(groups, lr=lr, max_grad_norm=None, foreach=foreach)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUP_KINDS = ("gradual", "constant", "none")
-DECAY_KINDS = ("step", "cosine", "none")
+DECAY_KINDS = ("step", "cosine", "poly", "none")
 
 
 def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int = 256, rule: str = "linear") -> float:
@@ -44,6 +44,8 @@ class Schedule:
     Units: LRs are absolute; `warmup_epochs`, `milestones` and `epochs` are in epochs (passes over
     the training set). Defaults are the paper's ResNet-50 recipe: base LR 0.1 per 256 images scaled
     linearly to kn, gradual warmup from 0.1 over 5 epochs, x0.1 at epochs 30, 60 and 80 of 90.
+    `decay="poly"` is the polynomial decay of the LARS/LAMB recipes (You et al. 2017, arXiv 1708.03888):
+    peak x (1 - p) ** poly_power over the progress p from the warmup's end to `epochs`.
     """
 
     global_batch_size: int
@@ -57,6 +59,7 @@ class Schedule:
     milestones: tuple[float, ...] = field(default=(30, 60, 80))
     gamma: float = 0.1
     epochs: float = 90
+    poly_power: float = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(self.milestones))
@@ -77,6 +80,8 @@ class Schedule:
             raise ValueError(f"warmup_start_lr must be >= 0, got {self.warmup_start_lr}")
         if self.gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if not self.poly_power > 0:
+            raise ValueError(f"poly_power must be > 0, got {self.poly_power}; You et al. use 2 for LARS ResNet-50")
         if self.decay == "step":
             ms = self.milestones
             if any(b <= a for a, b in zip(ms, ms[1:])):
@@ -106,9 +111,11 @@ class Schedule:
     def _decayed(self, epoch: float) -> float:
         if self.decay == "step":
             return self.peak_lr * self.gamma ** bisect.bisect_right(self.milestones, epoch)
-        if self.decay == "cosine":
+        if self.decay in ("cosine", "poly"):
             span = self.epochs - self._warmup_end
             progress = min(max((epoch - self._warmup_end) / span, 0.0), 1.0)
+            if self.decay == "poly":
+                return self.peak_lr * (1.0 - progress) ** self.poly_power
             return 0.5 * self.peak_lr * (1.0 + math.cos(math.pi * progress))
         return self.peak_lr
 
@@ -147,6 +154,8 @@ class Schedule:
             decay = f"x{self.gamma:g} at " + (", ".join(at(m) for m in self.milestones) or "no milestones")
         elif self.decay == "cosine":
             decay = f"cosine to 0 at {at(self.epochs)}"
+        elif self.decay == "poly":
+            decay = f"polynomial, power {self.poly_power:g}, to 0 at {at(self.epochs)}"
         else:
             decay = "none"
         rows = [

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BatchPlan, RecipeConfig
+from .config import BatchPlan, ConfigError, RecipeConfig
 from .loss import global_batch_loss
 from .lr import GoyalLR
 from .metrics import topk_correct
 from .model import build_model, compile_model
-from .optim import build_optimizer
+from .noise_scale import BackwardGradNorms, GradientNoiseScale, grad_sq_norm
+from .optim import LAYERWISE, build_optimizer
+
+log = logging.getLogger(__name__)
 
 
 def build_training(cfg: RecipeConfig, engine, plan: BatchPlan, num_classes: int, updates_per_epoch: int):
@@ -21,9 +26,14 @@ def build_training(cfg: RecipeConfig, engine, plan: BatchPlan, num_classes: int,
     # On its device before the optimizer is built: the optimizer picks its fused or foreach path from it.
     model = build_model(cfg.model, num_classes, plan, engine.world_size).to(engine.device)
     o = cfg.optim
+    if o.optimizer in LAYERWISE and cfg.engine == "deepspeed" and cfg.deepspeed.zero_stage > 0:
+        # ZeRO-1 steps the optimizer on flat shards that cut across layers: no per-layer norm to trust.
+        raise ConfigError(f"optim.optimizer={o.optimizer} needs each layer's whole weight and gradient norm, but "
+                          "DeepSpeed ZeRO-1 steps the optimizer on flat shards across layers; set deepspeed.zero_stage=0")
     optimizer = build_optimizer(model, o.optimizer, lr=o.base_lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, norm_weight_decay=o.norm_weight_decay,
-                                bias_weight_decay=o.bias_weight_decay, momentum_correction=o.momentum_correction)
+                                bias_weight_decay=o.bias_weight_decay, momentum_correction=o.momentum_correction,
+                                trust_coefficient=o.trust_coefficient)
     model, optimizer = engine.prepare(model, optimizer)
     if cfg.model.compile:
         model = compile_model(model)
@@ -50,16 +60,65 @@ class NormStatistics:
             torch._foreach_copy_(self.live, self.saved)
 
 
+class NoiseScaleMeter:
+    """The gradient noise scale measured on the update's own gradients (McCandlish et al. 2018, App. A.1):
+    the small batches are the (rank, micro-batch) gradients of n images each, seen by `BackwardGradNorms`
+    before any all-reduce; the big batch is the update's gradient over kn images after it. The same images
+    give the same estimate whatever the split into ranks and micro-batches."""
+
+    def __init__(self, engine, plan: BatchPlan, model, ema_decay: float):
+        self.engine, self.model = engine, model
+        self.micro_batch_size, self.global_batch_size = plan.per_device_batch_size, plan.global_batch_size
+        self.pairs = plan.world_size * plan.accumulation_steps
+        self.params = [p for p in engine.unwrap(model).parameters() if p.requires_grad]
+        self.tracker = GradientNoiseScale(ema_decay)
+        self.norms = BackwardGradNorms(self.params)
+        # global_batch_loss multiplies each micro-batch's per-sample mean by n x world_size / kn ("mean"
+        # reduction) or n / kn ("sum"): undo it to get the squared norm of the n-image mean gradient.
+        ranks = engine.world_size if engine.grad_reduction == "mean" else 1
+        loss_scale = plan.per_device_batch_size * ranks / plan.global_batch_size
+        self.small_factor = 1.0 / (loss_scale ** 2 * self.pairs)
+
+    def reduced_sq_norm(self, after_step: bool):
+        """|G_big|^2: the reduced gradient's squared norm, from .grad before the step, or from the engine
+        where it keeps reduced gradients elsewhere (DeepSpeed ZeRO-1, read after its step)."""
+        own = getattr(self.engine, "reduced_grad_sq_norm", None)
+        if own is not None:
+            return own(self.model, after_step)
+        return None if after_step else grad_sq_norm(self.params)
+
+    def update(self, small_sq_sum: float, big_sq_norm) -> None:
+        if big_sq_norm is None:
+            return
+        small, big = small_sq_sum * self.small_factor, float(big_sq_norm)
+        if math.isfinite(small) and math.isfinite(big):
+            self.tracker.update(small, self.micro_batch_size, big, self.global_batch_size)
+
+
+def noise_scale_meter(cfg: RecipeConfig, engine, plan: BatchPlan, model) -> NoiseScaleMeter | None:
+    """The meter of `run.noise_scale`, or None (with the reason, once) where it cannot measure."""
+    if not cfg.run.noise_scale:
+        return None
+    if plan.world_size * plan.accumulation_steps < 2:
+        if engine.is_main:
+            log.warning("noise scale not measured: it needs two gradients per update (world size x accumulation "
+                        "steps >= 2, here 1); lower batch.per_device_batch_size or add processes to measure it")
+        return None
+    return NoiseScaleMeter(engine, plan, model, cfg.run.noise_scale_ema_decay)
+
+
 class TrainStep:
     """The accumulation micro-batches of one update: forward, the loss of Remark 3, backward, then the
     optimizer step if every rank's loss and gradients are finite (one collective), else a skip that also
-    puts back the BN running statistics the forward passes moved."""
+    puts back the BN running statistics the forward passes moved. With `run.noise_scale`, the same
+    collective also sums the micro-batch gradients' squared norms (`self.noise`, a `NoiseScaleMeter`)."""
 
     def __init__(self, cfg: RecipeConfig, engine, plan: BatchPlan, model, optimizer, scheduler: GoyalLR):
         self.engine, self.plan, self.model, self.optimizer, self.scheduler = engine, plan, model, optimizer, scheduler
         self.label_smoothing = cfg.optim.label_smoothing
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
         self.norm_statistics = NormStatistics(model)
+        self.noise = noise_scale_meter(cfg, engine, plan, model)
 
     def __call__(self, batches: Iterator, poison: bool = False) -> tuple[torch.Tensor, float, bool, list[int]]:
         """Returns (stats, lr, applied, indices): stats = [loss sum, top-1 correct, images, bad images]
@@ -89,7 +148,13 @@ class TrainStep:
             indices += index.tolist()
         lr = self.scheduler.lr_at(self.scheduler.updates_done)
         local = torch.isfinite(stats[0]) & engine.grads_finite(self.model).to(device)
-        finite = bool(engine.all_reduce_sum((~local).double().reshape(1)) == 0)
+        noise = self.noise
+        if noise is None:
+            reduced = engine.all_reduce_sum((~local).double().reshape(1))
+        else:
+            big_sq_norm = noise.reduced_sq_norm(after_step=False)
+            reduced = engine.all_reduce_sum(torch.stack([(~local).double(), noise.norms.take().double().to(device)]))
+        finite = bool(reduced[0] == 0)
         if finite:
             # False where the engine dropped the update itself, on gradients .grad does not show
             # (DeepSpeed ZeRO-1 keeps the reduced ones in its own buffers and checks their norm).
@@ -99,6 +164,9 @@ class TrainStep:
             applied = False
         if applied:
             self.scheduler.step()
+            if noise is not None:
+                noise.update(float(reduced[1]), big_sq_norm if big_sq_norm is not None
+                             else noise.reduced_sq_norm(after_step=True))
         else:
             self.norm_statistics.restore()
         return stats, lr, applied, indices
