@@ -2,10 +2,14 @@
 
 A checkpoint is a directory `checkpoints/update_<N>/` holding the engine's model and optimizer
 state (accelerate: `model.safetensors` and `optimizer.pt`; DeepSpeed: its own checkpoint
-format), `trainer.pt` and one `rng_rank<r>.pt` per rank (tensors and plain data, loaded with
-`weights_only=True`, so loading them never runs code). It is written under a temporary name and
-renamed once complete, with a `COMPLETE` marker, so an interrupted save is never picked by
-`resume=auto`. The directory must be on a file system all ranks share.
+format), `trainer.pt`, and per rank `rank<r>.pt` (RNG and the rank's share of the epoch's running
+sums) and `buffers_rank<r>.safetensors` (the rank's floating-point buffers). Per-worker BN keeps
+its running statistics per rank until the epoch's end averages them (Sec. 3, "BN statistics
+are computed per worker"); a checkpoint inside an epoch keeps every rank's copy, so a resumed
+rank continues with its own. `.pt` files hold tensors and plain data and are loaded with
+`weights_only=True`, so loading them never runs code. A checkpoint is written under a temporary
+name and renamed once complete, with a `COMPLETE` marker, so an interrupted save is never picked
+by `resume=auto`. The directory must be on a file system all ranks share.
 """
 
 from __future__ import annotations
@@ -15,16 +19,24 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^update_(\d+)$")
+_BUFFERS = re.compile(r"^buffers_rank(\d+)\.safetensors$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from: missing, incomplete, corrupt, hostile, or of another model."""
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -44,6 +56,45 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoint_dirs(run_dir)
     return found[-1] if found else None
+
+
+def _corrupt(path: Path, error: BaseException) -> CheckpointError:
+    reason = (str(error).splitlines() or [type(error).__name__])[0][:160] or type(error).__name__
+    return CheckpointError(f"{path} is corrupt or truncated ({reason}); resume from an older checkpoint "
+                           "(delete this one) or set run.resume=none")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file on the CPU, or a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: resume from another one")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _corrupt(path, e) from None
+
+
+def read_torch(path: Path):
+    """A `torch.save` file of tensors and plain data (`weights_only=True`), or a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: resume from another one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: loading it could run code
+        raise CheckpointError(f"{path} holds pickled objects that loading would execute "
+                              f"({str(e).splitlines()[0][:120]}); refused: resume only from checkpoints this "
+                              "project wrote") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise _corrupt(path, e) from None
+
+
+def fit(path: Path, load, what: str) -> None:
+    """Run `load()` (a load_state_dict); a mismatch is a CheckpointError naming the file."""
+    try:
+        load()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} does not fit this {what} ({' '.join(str(e).split())[:200]}); resume with "
+                              "the recipe that wrote it, or set run.resume=none") from None
 
 
 def _rng_state() -> dict:
@@ -66,8 +117,16 @@ def model_state(engine, model) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in engine.unwrap(model).state_dict().items()}
 
 
-def save_checkpoint(engine, run_dir: Path, update: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
-    """Write checkpoint `update` from all ranks (a collective call), then prune to the newest `keep`."""
+def _float_buffers(engine, model) -> dict[str, torch.Tensor]:
+    """The model's floating-point buffers by state-dict name (BN running mean and variance)."""
+    return {name: buffer for name, buffer in engine.unwrap(model).named_buffers() if buffer.is_floating_point()}
+
+
+def save_checkpoint(engine, run_dir: Path, update: int, model, optimizer, trainer_state: dict, rank_state: dict,
+                    keep: int) -> Path:
+    """Write checkpoint `update` from all ranks (a collective call), then prune to the newest `keep`.
+
+    `trainer_state` is the same on every rank and written once; `rank_state` is this rank's own."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"update_{update:09d}"
     tmp = root / f".tmp-update_{update:09d}"
@@ -75,10 +134,12 @@ def save_checkpoint(engine, run_dir: Path, update: int, model, optimizer, traine
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     engine.barrier()
-    torch.save(_rng_state(), tmp / f"rng_rank{engine.rank}.pt")
+    torch.save({"rng": _rng_state(), **rank_state}, tmp / f"rank{engine.rank}.pt")
+    buffers = {name: b.detach().contiguous().cpu() for name, b in _float_buffers(engine, model).items()}
+    save_file(buffers, tmp / f"buffers_rank{engine.rank}.safetensors")
     engine.save_state(tmp, model, optimizer)
     if engine.is_main:
-        torch.save(trainer_state, tmp / "trainer.pt")
+        torch.save({**trainer_state, "world_size": engine.world_size}, tmp / "trainer.pt")
     engine.barrier()
     if engine.is_main:
         (tmp / MARKER).write_text(f"{update}\n")
@@ -91,17 +152,50 @@ def save_checkpoint(engine, run_dir: Path, update: int, model, optimizer, traine
     return final
 
 
-def load_checkpoint(engine, path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from `path`; return the trainer state (a collective call)."""
+def _load_buffers(engine, path: Path, model, saved_world_size: int) -> None:
+    """This rank's own buffers when the world size is the saved one; else the mean of all saved ranks' copies
+    (what the epoch's end would have averaged to), with a warning that the resume is then not exact."""
+    files = sorted((p for p in path.iterdir() if _BUFFERS.match(p.name)), key=lambda p: int(_BUFFERS.match(p.name)[1]))
+    if len(files) != saved_world_size:
+        raise CheckpointError(f"{path} holds {len(files)} buffers_rank*.safetensors files for {saved_world_size} "
+                              "ranks; the checkpoint is incomplete: resume from another one")
+    live = _float_buffers(engine, model)
+    if saved_world_size == engine.world_size:
+        mine = path / f"buffers_rank{engine.rank}.safetensors"
+        state = read_tensors(mine)
+    else:
+        if engine.is_main:
+            log.warning("resuming on %d ranks from a checkpoint of %d: each rank starts from the mean of the saved "
+                        "ranks' BN running statistics, so the run is no longer bit-for-bit the uninterrupted one",
+                        engine.world_size, saved_world_size)
+        copies = [read_tensors(f) for f in files]
+        mine = path
+        state = {name: sum(c[name].double() for c in copies).div(len(copies)).to(copies[0][name].dtype)
+                 for name in copies[0]}
+    if state.keys() != live.keys():
+        raise CheckpointError(f"{mine} does not fit this model (buffers {sorted(state.keys() ^ live.keys())[:3]} "
+                              "differ); resume with the recipe that wrote it, or set run.resume=none")
+    with torch.no_grad():
+        for name, buffer in live.items():
+            fit(mine, lambda: buffer.copy_(state[name]), "model")
+
+
+def load_checkpoint(engine, path: Path, model, optimizer) -> tuple[dict, dict | None]:
+    """Restore model, optimizer, this rank's buffers and RNG from `path` (a collective call).
+
+    Returns (trainer state, this rank's state or None when the checkpoint has no rank of this number)."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"run.resume={path} does not exist; give a checkpoint directory "
+                              "(runs/<name>/checkpoints/update_<N>), auto or none")
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker); pick another or resume=none")
-    try:
-        engine.load_state(path, model, optimizer)
-        rng = path / f"rng_rank{engine.rank}.pt"
-        if rng.is_file():  # absent when resuming on more ranks than saved
-            _set_rng_state(torch.load(rng, weights_only=True))
-        return torch.load(path / "trainer.pt", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused an object: loading it could run code
-        raise ConfigError(f"{path} holds pickled objects that loading would execute ({str(e).splitlines()[0][:120]}); "
-                          "refused: resume only from checkpoints this project wrote") from None
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker); pick another or resume=none")
+    trainer_state = read_torch(path / "trainer.pt")
+    engine.load_state(path, model, optimizer)
+    _load_buffers(engine, path, model, int(trainer_state.get("world_size", 1)))
+    rank_file = path / f"rank{engine.rank}.pt"
+    if not rank_file.is_file():  # resuming on more ranks than saved
+        return trainer_state, None
+    rank_state = read_torch(rank_file)
+    _set_rng_state(rank_state.pop("rng"))
+    return trainer_state, rank_state

@@ -1,12 +1,18 @@
-"""Console entry points: goyal-train, goyal-data, goyal-plot (and `python -m goyal_recipe.cli <command>`)."""
+"""Console entry points: goyal-train, goyal-data, goyal-plot, goyal-replicate (and `python -m goyal_recipe.cli <command>`).
+
+Every entry point runs through `_guarded`, the one place that turns a `UserError` (config, data,
+checkpoint, launch) into one line on stderr and exit code 2; anything else keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
-from .config import ConfigError, load_config
+from .config import describe_config, load_config
+from .errors import UserError
 
 
 def _fail(program: str, message: str, every_rank: bool = False) -> int:
@@ -18,6 +24,26 @@ def _fail(program: str, message: str, every_rank: bool = False) -> int:
     return 2
 
 
+def _guarded(program: str):
+    """The one place a UserError becomes one line on stderr and exit code 2, for every console script."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except UserError as e:
+                from .data.sources import BadImageError
+
+                # A bad image is found by the rank that loaded it, which may not be rank 0.
+                return _fail(program, " ".join(str(e).split()), every_rank=isinstance(e, BadImageError))
+
+        return run
+
+    return wrap
+
+
+@_guarded("goyal-train")
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="goyal-train",
@@ -26,21 +52,20 @@ def train_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, key.sub=value")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print every key with its resolved value, default, unit and meaning, then exit")
     args = parser.parse_args(argv)
-    from .data.sources import BadImageError
+    cfg = load_config(args.recipe, args.overrides)
+    if args.show_config:
+        print(describe_config(cfg))
+        return 0
+    from .trainer import train
 
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-        from .trainer import train
-
-        train(cfg)
-    except (ConfigError, FileNotFoundError, FloatingPointError) as e:
-        return _fail("goyal-train", str(e))
-    except BadImageError as e:  # found by the rank that loaded it
-        return _fail("goyal-train", str(e), every_rank=True)
+    train(cfg)
     return 0
 
 
+@_guarded("goyal-data")
 def data_main(argv: list[str] | None = None) -> int:
     from .data.generate import generate_main
     from .data.validate import validate_main
@@ -53,8 +78,16 @@ def data_main(argv: list[str] | None = None) -> int:
     return commands[argv[0]](argv[1:])
 
 
+@_guarded("goyal-plot")
 def plot_main(argv: list[str] | None = None) -> int:
     from .report import plot_main as main
+
+    return main(argv)
+
+
+@_guarded("goyal-replicate")
+def replicate_main(argv: list[str] | None = None) -> int:
+    from .replicate import main
 
     return main(argv)
 

@@ -20,13 +20,20 @@ def build_model(cfg: ModelConfig, num_classes: int, plan: BatchPlan, world_size:
     if not timm.is_model(cfg.name):
         raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models()")
     try:
-        model = timm.create_model(cfg.name, num_classes=num_classes, zero_init_last=cfg.zero_init_last, **cfg.kwargs)
-    except TypeError:
-        try:  # models without residual blocks take no zero_init_last
-            model = timm.create_model(cfg.name, num_classes=num_classes, **cfg.kwargs)
+        try:
+            model = timm.create_model(cfg.name, num_classes=num_classes, zero_init_last=cfg.zero_init_last,
+                                      **cfg.kwargs)
         except TypeError as e:
-            raise ConfigError(f"model.kwargs {cfg.kwargs} do not fit {cfg.name} ({e}); "
-                              f"pass only arguments of timm's {cfg.name} constructor") from None
+            if "zero_init_last" not in str(e):
+                raise
+            # models without residual blocks take no zero_init_last
+            model = timm.create_model(cfg.name, num_classes=num_classes, **cfg.kwargs)
+    except Exception as e:  # noqa: BLE001 - a constructor refuses arguments with any exception type
+        if not cfg.kwargs:
+            raise  # the recipe passed nothing of its own: a failure here is not the user's
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise ConfigError(f"model.kwargs {cfg.kwargs} do not fit {cfg.name} ({reason}); "
+                          f"pass only arguments of timm's {cfg.name} constructor") from None
     if cfg.zero_init_last:
         log.info("zero-gamma init on %d residual blocks", len(zero_init_last_bn(model)))
     if cfg.fc_init_std is not None:

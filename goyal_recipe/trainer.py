@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,11 +14,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_state, read_torch, save_checkpoint
 from .config import BatchPlan, ConfigError, RecipeConfig, dump_config, plan_batches
 from .cpu_memory import keep_freed_memory
 from .data.pipeline import build_data
 from .engines import make_engine
+from .engines.base import TrainingDiverged
+from .errors import UserError
 from .metrics import EvalCounter, JsonlWriter, ThroughputMeter, format_epoch_line, format_step_line
 from .schedule import format_table
 from .step import TrainStep, build_training
@@ -52,6 +56,53 @@ def _preflight(run_dir: Path) -> None:
         raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); set run.output_dir to a writable path") from None
 
 
+class Progress:
+    """Where the run is, and the running sums of its current epoch: all of it goes into every checkpoint,
+    so an epoch resumed mid-way reports what the uninterrupted epoch would (train loss, top-1 error, bad images).
+
+    `update` counts loop iterations (the data position; GoyalLR counts the updates really applied).
+    `epoch_sums` and `window_sums` (loss sum, top-1 correct, images, substituted bad images) are this
+    rank's own, summed over ranks only when reported: the epoch's so far, and since the last step record."""
+
+    SHARED = ("update", "skipped_updates", "consecutive_skips")
+
+    def __init__(self, updates_per_epoch: int, global_batch_size: int, device: torch.device):
+        self.updates_per_epoch, self.global_batch_size = updates_per_epoch, global_batch_size
+        self.update = self.skipped_updates = self.consecutive_skips = 0
+        self.epoch_sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.window_sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    @property
+    def epoch(self) -> int:
+        return self.update // self.updates_per_epoch
+
+    @property
+    def epoch_samples_done(self) -> int:
+        """Training samples of the current epoch already used, over all ranks (the loader's position)."""
+        return (self.update - self.epoch * self.updates_per_epoch) * self.global_batch_size
+
+    def new_epoch(self) -> None:
+        self.epoch_sums.zero_()
+
+    def state_dict(self) -> dict:
+        return {**{key: getattr(self, key) for key in self.SHARED}, "epoch": self.epoch,
+                "epoch_samples_done": self.epoch_samples_done, "updates_per_epoch": self.updates_per_epoch,
+                "epoch_sums": self.epoch_sums.cpu(), "window_sums": self.window_sums.cpu()}
+
+    def load_state_dict(self, state: dict, sums: bool = True) -> None:
+        """Restore the position (checked against this run's plan) and, with `sums`, this rank's running sums."""
+        if int(state["updates_per_epoch"]) != self.updates_per_epoch:
+            raise CheckpointError(f"the checkpoint was written with {state['updates_per_epoch']} updates per epoch, "
+                                  f"this recipe makes {self.updates_per_epoch}; resume with the batch size and data "
+                                  "that wrote it, or set run.resume=none")
+        for key in self.SHARED:
+            setattr(self, key, int(state[key]))
+        assert (self.epoch, self.epoch_samples_done) == (state["epoch"], state["epoch_samples_done"])
+        if sums:
+            self.epoch_sums.copy_(state["epoch_sums"])
+            self.window_sums.copy_(state["window_sums"])
+
+
 class Trainer:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -64,7 +115,10 @@ class Trainer:
             keep_freed_memory()
         self.run_dir = cfg.run_dir
         torch.manual_seed(cfg.run.seed)
-        self.data = build_data(cfg, plan, engine)
+        try:
+            self.data = build_data(cfg, plan, engine)
+        except FileNotFoundError as e:  # the sources name the missing path and the data.* key to set
+            raise ConfigError(str(e)) from None
         self.updates_per_epoch = self.data.num_train // plan.global_batch_size
         self.model, self.optimizer, self.scheduler = build_training(
             cfg, engine, plan, cfg.model.num_classes or self.data.num_classes, self.updates_per_epoch)
@@ -72,12 +126,16 @@ class Trainer:
             _preflight(self.run_dir)
         self.train_step = TrainStep(cfg, engine, plan, self.model, self.optimizer, self.scheduler)
         self.total_updates = cfg.optim.epochs * self.updates_per_epoch
-        self.update = 0  # loop iterations: data position; GoyalLR counts the updates really applied
-        self.skipped_updates = self.consecutive_skips = 0
+        self.progress = Progress(self.updates_per_epoch, plan.global_batch_size, engine.device)
+        self.checkpointed = False  # whether this run has written a checkpoint (a failure then keeps its directory)
         self._resume()
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=engine.is_main)
         self.samples = JsonlWriter(self.run_dir / f"samples_rank{engine.rank}.jsonl", enabled=cfg.run.log_samples)
         self.meter = ThroughputMeter(total_updates=self.total_updates)
+
+    @property
+    def update(self) -> int:
+        return self.progress.update
 
     def _resume(self) -> None:
         resume = self.cfg.run.resume
@@ -86,10 +144,20 @@ class Trainer:
         path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
         if path is None:
             return
-        state = load_checkpoint(self.engine, path, self.model, self.optimizer)
+        engine = self.engine
+        state, mine = load_checkpoint(engine, path, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.update = int(state["update"])
-        self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.train_step.load_noise_state(state.get("noise_scale"))
+        saved_world_size = int(state["world_size"])
+        if saved_world_size == engine.world_size:
+            self.progress.load_state_dict(mine["progress"])
+        else:  # the saved ranks' running sums, summed onto rank 0: the epoch's totals stay right
+            self.progress.load_state_dict(state["progress"], sums=False)
+            if engine.is_main:
+                for rank in range(saved_world_size):
+                    saved = read_torch(path / f"rank{rank}.pt")["progress"]
+                    self.progress.epoch_sums += saved["epoch_sums"].to(engine.device)
+                    self.progress.window_sums += saved["window_sums"].to(engine.device)
         self._print(f"resumed from {path} at update {self.update}")
 
     def _print(self, text: str) -> None:
@@ -97,10 +165,12 @@ class Trainer:
             tqdm.write(text)  # above the progress bar, if one is shown
 
     def _checkpoint(self) -> None:
-        state = {"update": self.update, "skipped_updates": self.skipped_updates,
-                 "scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg)}
-        save_checkpoint(self.engine, self.run_dir, self.update, self.model, self.optimizer, state,
-                        self.cfg.run.keep_checkpoints)
+        progress = self.progress.state_dict()
+        shared = {"update": self.update, "scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg),
+                  "progress": progress, "noise_scale": self.train_step.noise_state()}
+        save_checkpoint(self.engine, self.run_dir, self.update, self.model, self.optimizer, shared,
+                        {"progress": progress}, self.cfg.run.keep_checkpoints)
+        self.checkpointed = True
 
     def run(self) -> Path:
         cfg, engine, data = self.cfg, self.engine, self.data
@@ -125,15 +195,14 @@ class Trainer:
         return self.run_dir
 
     def _train_epoch(self, epoch: int, stop_at: int) -> dict:
-        cfg, engine, plan, U = self.cfg, self.engine, self.plan, self.updates_per_epoch
-        device, kn, A = engine.device, plan.global_batch_size, plan.accumulation_steps
+        cfg, engine, plan, U, progress = self.cfg, self.engine, self.plan, self.updates_per_epoch, self.progress
+        kn = plan.global_batch_size
         first = self.update
-        self.data.train_sampler.set_epoch(epoch, start=(first - epoch * U) * A * plan.per_device_batch_size)
+        # This rank's position in the epoch's permutation: its share of the samples already used.
+        self.data.train_sampler.set_epoch(epoch, start=progress.epoch_samples_done // engine.world_size)
         self.model.train()
         epoch_start = time.perf_counter()
-        # loss sum, top-1 correct, images, substituted bad images (data.bad_images=skip)
-        window = torch.zeros(4, dtype=torch.float64, device=device)
-        totals = torch.zeros(4, dtype=torch.float64, device=device)
+        window = progress.window_sums
         batches = self.meter.timed(self.data.train_loader)
         last_update = min((epoch + 1) * U, stop_at)
         bar = tqdm(total=U, initial=first - epoch * U, desc=f"epoch {epoch + 1}", unit="update", leave=False,
@@ -143,41 +212,43 @@ class Trainer:
             stats, lr, applied, indices = self.train_step(batches, poison=self.update + 1 in inject)
             if applied:
                 window += stats
-                self.consecutive_skips = 0
+                progress.epoch_sums += stats
+                progress.consecutive_skips = 0
             else:
                 self._skipped(epoch)
-            self.update += 1
+            progress.update += 1
             self.meter.step_done(kn)
             bar.update()
             self.samples.write({"epoch": epoch, "update": self.update, "indices": indices})
             due = self.update % cfg.run.log_every_updates == 0 or self.update == last_update
             if due and window[2] > 0:  # nothing to log when every update of the window was skipped
-                totals += window
                 self._log_step(epoch, engine.all_reduce_sum(window), lr)
                 window.zero_()
             if cfg.run.checkpoint_every_updates and self.update % cfg.run.checkpoint_every_updates == 0 \
                     and self.update % U:
                 self._checkpoint()
         bar.close()
-        totals = engine.all_reduce_sum(totals)
+        totals = engine.all_reduce_sum(progress.epoch_sums)
         return {"train_loss": float(totals[0] / totals[2]), "train_top1_error": float(100 * (1 - totals[1] / totals[2])),
-                "train_bad_images": int(totals[3]), "skipped_updates": self.skipped_updates,
+                "train_bad_images": int(totals[3]), "skipped_updates": progress.skipped_updates,
                 "epoch_s": time.perf_counter() - epoch_start}
 
     def _skipped(self, epoch: int) -> None:
         """Count a dropped update; stop after more than run.max_consecutive_nonfinite in a row."""
-        self.skipped_updates += 1
-        self.consecutive_skips += 1
-        first = self.update + 2 - self.consecutive_skips
+        progress = self.progress
+        progress.skipped_updates += 1
+        progress.consecutive_skips += 1
+        in_a_row = progress.consecutive_skips
+        first = self.update + 2 - in_a_row
         self.metrics.write({"kind": "skip", "update": self.update + 1, "epoch": epoch + 1,
                             "reason": "non-finite loss or gradient", "time": time.time()})
         self._print(f"update {self.update + 1}: non-finite loss or gradient on some rank; update skipped "
-                    f"({self.consecutive_skips} in a row)")
-        if self.consecutive_skips > self.cfg.run.max_consecutive_nonfinite:
-            self.update += 1
+                    f"({in_a_row} in a row)")
+        if in_a_row > self.cfg.run.max_consecutive_nonfinite:
+            progress.update += 1
             self._checkpoint()
-            raise FloatingPointError(
-                f"{self.consecutive_skips} updates in a row had a non-finite loss or gradient (from update {first}); "
+            raise TrainingDiverged(
+                f"{in_a_row} updates in a row had a non-finite loss or gradient (from update {first}); "
                 f"the weights of update {first - 1} are saved in checkpoint update_{self.update:09d}. "
                 "Lower optim.base_lr, check the data, or raise run.max_consecutive_nonfinite")
 
@@ -187,9 +258,11 @@ class Trainer:
         record = {"kind": "step", "update": self.update, "epoch": self.update / U, "loss": loss, "lr": lr,
                   "bad_images": int(window[3]),
                   "images_per_s": meter.images_per_s, "data_wait_s": meter.mean_data_wait_s,
-                  "step_s": meter.mean_step_s, "time": time.time()}
+                  "step_s": meter.mean_step_s, **self.train_step.noise_fields(), "time": time.time()}
         self.metrics.write(record)
-        self.engine.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": meter.images_per_s}, self.update)
+        noise = {f"train/{k}": v for k, v in self.train_step.noise_fields().items() if v is not None}
+        self.engine.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": meter.images_per_s, **noise},
+                        self.update)
         self._print(format_step_line(epoch + 1, self.cfg.optim.epochs, self.update - epoch * U, U, loss, lr,
                                      meter.images_per_s, meter.mean_data_wait_s, meter.eta_s(self.update)))
 
@@ -227,6 +300,9 @@ class Trainer:
         self.metrics.write(record)
         engine.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)}, self.update)
         self._print(format_epoch_line(record, cfg.optim.epochs))
+        if self.train_step.noise_summary():
+            self._print(self.train_step.noise_summary())
+        self.progress.new_epoch()  # before the checkpoint: a resume at the epoch's end starts the next one at zero
         self._checkpoint()
         self.meter.reset_clock()
 
@@ -267,6 +343,39 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+class _NewPaths:
+    """What a run adds under its run directory (and the parents it makes), to remove when it fails with a
+    UserError before its first checkpoint: a failed start leaves the disk as it found it, and never touches
+    what an earlier run left there."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.made_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
+        self.before = set(run_dir.rglob("*")) if run_dir.is_dir() else set()
+
+    def remove(self) -> None:
+        if self.run_dir.is_dir():
+            for path in sorted(set(self.run_dir.rglob("*")) - self.before, key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        for directory in self.made_dirs:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (another process wrote there) or already gone
+                break
+
+
 def train(cfg: RecipeConfig) -> Path:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    return Trainer(cfg).run()
+    main = os.environ.get("RANK", "0") == "0"  # only the main process makes the run directory
+    new_paths = _NewPaths(cfg.run_dir) if main else None
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        return trainer.run()
+    except UserError:
+        if new_paths is not None and not (trainer is not None and trainer.checkpointed):
+            new_paths.remove()
+        raise

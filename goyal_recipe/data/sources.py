@@ -27,6 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
+from ..errors import UserError
+
 KINDS = ("imagefolder", "parquet", "hf")
 _HF_SPLITS = {"train": "train", "val": "validation", "validation": "validation"}
 _FOLDER_SPLITS = {"train": ("train",), "val": ("val", "validation"), "validation": ("val", "validation")}
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image that cannot be decoded; ``str()`` is one line naming the file, the reason and the fix.
 
     ``path`` and ``reason`` are set where it is raised. A DataLoader re-raises a worker's exception

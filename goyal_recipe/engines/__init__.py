@@ -7,6 +7,9 @@ from ..config import ConfigError
 
 def make_engine(cfg):
     """The engine named by `cfg.engine`, imported only when chosen."""
+    from .base import check_launch
+
+    check_launch()
     if cfg.engine == "accelerate":
         from .accelerate import AccelerateEngine
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..checkpoint import model_state
+from ..checkpoint import fit, model_state, read_tensors, read_torch
 from ..config import ConfigError
-from .base import Engine, check_elastic_restart
+from .base import Engine, LaunchError, check_elastic_restart
 
 
 class AccelerateEngine(Engine):
@@ -47,7 +47,7 @@ class AccelerateEngine(Engine):
         if launched != self.accelerator.num_processes:
             # accelerate falls back to independent single-process runs when a CPU launch lacks
             # ACCELERATE_USE_CPU=1: each "rank" would train alone on the whole data set.
-            raise RuntimeError(
+            raise LaunchError(
                 f"the launcher started {launched} processes but accelerate joined {self.accelerator.num_processes}; "
                 "for CPU processes set ACCELERATE_USE_CPU=1 (see accelerate_configs/README.md)"
             )
@@ -96,9 +96,12 @@ class AccelerateEngine(Engine):
             torch.save(optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_state(self, directory: Path, model, optimizer) -> None:
-        self.unwrap(model).load_state_dict(load_file(directory / "model.safetensors", device="cpu"))
+        weights, moments = directory / "model.safetensors", directory / "optimizer.pt"
+        state = read_tensors(weights)
+        fit(weights, lambda: self.unwrap(model).load_state_dict(state), "model")
         # Loaded on the CPU: Optimizer.load_state_dict moves each state to its parameter's device.
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+        state = read_torch(moments)
+        fit(moments, lambda: optimizer.load_state_dict(state), "optimizer")
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")

@@ -8,9 +8,38 @@ import os
 
 import torch
 
-from ..config import ConfigError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class LaunchError(UserError):
+    """A launch that does not start the processes the run needs; the message names the command that does."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """Updates kept failing with non-finite losses or gradients; the message names the checkpoint and the fix."""
+
+
+# Set by `accelerate launch` in each of its modes; its single-process ("simple") launcher sets no WORLD_SIZE.
+_ACCELERATE_LAUNCH = "ACCELERATE_DYNAMO_BACKEND"
+# Set by MPI launchers, which accelerate's simple launcher uses for multi-node CPU runs (--mpirun_hostfile).
+_MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def check_launch() -> None:
+    """Refuse an `accelerate launch` that asked for several processes but started one.
+
+    Without --multi_gpu (or a config file with distributed_type MULTI_CPU), `accelerate launch --cpu
+    --num_processes 2` takes its single-process launcher: it sets MASTER_ADDR because more than one
+    process was asked for, but starts one process with no WORLD_SIZE, which would train alone with
+    twice the accumulation. Call before the process group is made."""
+    env = os.environ
+    if _ACCELERATE_LAUNCH in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env \
+            and not any(key in env for key in _MPI_SIZE):
+        raise LaunchError("accelerate launch started 1 process where more were asked (--num_processes without "
+                          "--multi_gpu runs one); on CPUs use ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                          "--num_processes 2 (or --config_file accelerate_configs/cpu_2proc.yaml)")
 
 _STORE_FIX = ("launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv-backend c10d, so that every attempt "
               "gets a new store (see accelerate_configs/README.md)")
@@ -24,7 +53,7 @@ def check_elastic_restart() -> None:
         return
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart > 0:
-        raise ConfigError(f"torchrun restarted the workers (restart {restart}) in the store of the failed attempt, "
+        raise LaunchError(f"torchrun restarted the workers (restart {restart}) in the store of the failed attempt, "
                           f"whose stale addresses keep the process group from forming; {_STORE_FIX}, "
                           "or rerun with run.resume=auto")
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,9 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups as ds_groups
 
 from ..config import ConfigError, RecipeConfig, plan_batches
-from .base import Engine, check_elastic_restart
+from ..noise_scale import grad_sq_norm
+from ..checkpoint import CheckpointError
+from .base import Engine, TrainingDiverged, check_elastic_restart
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _RECIPE_OWNED = {"optimizer": "optim.*", "scheduler": "optim.* (GoyalLR)", "fp16": "model.precision",
@@ -156,7 +159,7 @@ class DeepSpeedEngine(Engine):
             # ZeRO-1 holds the reduced gradients in its own buffers, which only its step() clears: its
             # overflow path (a non-finite gradient norm) drops the update without the client optimizer's step.
             if self.step(model, optimizer):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     "a loss was non-finite but DeepSpeed ZeRO-1 found the gradients finite and applied the update; "
                     "resume=auto continues from the last checkpoint; lower optim.base_lr or use deepspeed.zero_stage=0")
             return
@@ -172,15 +175,29 @@ class DeepSpeedEngine(Engine):
         self._engine.step()
         return self._engine.was_step_applied()
 
+    def reduced_grad_sq_norm(self, model, after_step: bool):
+        """Squared norm of the update's reduced gradient, for the noise scale. ZeRO-0 leaves it in .grad (read
+        before the step); ZeRO-1 moves it into its partitions, whose global norm its step() computes for the
+        overflow check and clipping (`get_global_grad_norm`, read after the step)."""
+        if self._engine.zero_optimization():
+            norm = self._engine.get_global_grad_norm() if after_step else None
+            return None if norm is None else float(norm) ** 2
+        return None if after_step else grad_sq_norm(self.unwrap(model).parameters())
+
     def save_state(self, directory: Path, model, optimizer) -> None:
         model.save_checkpoint(str(directory), tag=_TAG, save_latest=False)  # collective: every rank writes its part
 
     def load_state(self, directory: Path, model, optimizer) -> None:
         # DeepSpeed's own format is pickled: resume only from checkpoint directories you trust.
-        path, _ = model.load_checkpoint(str(directory), tag=_TAG, load_optimizer_states=True,
-                                        load_lr_scheduler_states=False)
+        try:
+            path, _ = model.load_checkpoint(str(directory), tag=_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+            raise CheckpointError(f"{directory / _TAG} cannot be loaded ({reason}); resume from another checkpoint, "
+                                  "or with the recipe that wrote it") from None
         if path is None:
-            raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint; was it written by engine=accelerate?")
+            raise CheckpointError(f"{directory} holds no DeepSpeed checkpoint; was it written by engine=accelerate?")
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()
