@@ -6,35 +6,83 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
+
 LAYOUTS = ("auto", "per_group", "packed")
 
-# Last BN of a residual block, by block class: timm's and torchvision's ResNets share these names.
-_LAST_BN = {"Bottleneck": "bn3", "BasicBlock": "bn2"}
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+# Last norm of a residual block, by block class, for blocks without timm's `zero_init_last()` hook:
+# torchvision's ResNets, and timm's EfficientNet / MobileNetV3 blocks (their skip is `has_skip`).
+_LAST_NORM = {
+    "Bottleneck": "bn3", "BasicBlock": "bn2",
+    "InvertedResidual": "bn3", "CondConvResidual": "bn3", "DepthwiseSeparableConv": "bn2", "EdgeResidual": "bn2",
+}
 
 
 def zero_init_last_bn(model: nn.Module) -> list[str]:
     """Set gamma = 0 in the last BN of every residual block, so each block starts as the identity (Sec. 5.1).
 
-    Covers timm and torchvision ResNet blocks (Bottleneck: bn3, BasicBlock: bn2) and any block
-    exposing timm's `zero_init_last()`. Returns the names of the BN modules whose gamma is zero.
-    Idempotent.
+    A block's own `zero_init_last()` hook (timm's ResNet, ResNet-D, RegNet, ...) decides which norm
+    is last; otherwise the block class names it (torchvision's ResNets: Bottleneck bn3, BasicBlock
+    bn2; timm's EfficientNet and MobileNetV3 blocks: InvertedResidual bn3, DepthwiseSeparableConv
+    and EdgeResidual bn2), and blocks whose `has_skip` is False are left alone: without a shortcut
+    a zero gamma would silence the block instead of making it the identity.
+
+    Returns the dotted names of the norm modules whose gamma this set to zero, in model order,
+    including those that were zero already (timm creates ResNets with `zero_init_last=True`), so
+    a second call returns the same list. Idempotent.
     """
-    touched = []
-    for name, block in model.named_modules():
-        attr = _LAST_BN.get(type(block).__name__)
+    zeroed: dict[str, None] = {}
+    for block_name, block in model.named_modules():
+        prefix = f"{block_name}." if block_name else ""
+        if callable(getattr(block, "zero_init_last", None)):
+            zeroed.update(dict.fromkeys(prefix + name for name in _zeroed_by_hook(block)))
+            continue
+        attr = _LAST_NORM.get(type(block).__name__)
         norm = getattr(block, attr, None) if attr else None
-        if isinstance(norm, nn.modules.batchnorm._NormBase) and norm.weight is not None:
+        if isinstance(norm, _NORMS) and norm.weight is not None and getattr(block, "has_skip", True):
             nn.init.zeros_(norm.weight)
-            touched.append(f"{name}.{attr}" if name else attr)
-        elif callable(getattr(block, "zero_init_last", None)):
-            block.zero_init_last()
-            touched += [
-                f"{name}.{child_name}" if name else child_name
-                for child_name, child in block.named_children()
-                if isinstance(child, nn.modules.batchnorm._NormBase)
-                and child.weight is not None and not child.weight.any()
-            ]
-    return touched
+            zeroed[prefix + attr] = None
+    return list(zeroed)
+
+
+def _zeroed_by_hook(block: nn.Module) -> list[str]:
+    """Calls `block.zero_init_last()` and names the norms it zeroed, also when they were zero before.
+
+    A norm counts as zeroed when the hook wrote its weight (a new tensor, or an in-place write:
+    `Tensor._version` is autograd's counter of in-place writes) and the weight is now all zero.
+    """
+    norms = [(name, m) for name, m in block.named_modules() if isinstance(m, _NORMS) and m.weight is not None]
+    before = [(m.weight, m.weight._version) for _, m in norms]
+    block.zero_init_last()
+    return [name for (name, m), (weight, version) in zip(norms, before)
+            if (m.weight is not weight or m.weight._version != version) and not m.weight.any()]
+
+
+def ghost_batch_norm(x: torch.Tensor, group_size: int, running_mean: torch.Tensor | None,
+                     running_var: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     momentum: float, eps: float, layout: str = "auto") -> torch.Tensor:
+    """Training-mode batch norm of `x` with statistics over each consecutive group of `group_size` samples.
+
+    What k = batch / group_size workers with their own BN would compute (the paper's per-worker BN,
+    Sec. 5.1): each group normalised by its own mean and variance, and the running buffers (when
+    given) moved by `momentum` to the mean of the copies those workers would keep. Computed in at
+    least float32, returned in `x.dtype`. `layout` as in `GhostBatchNorm2d`.
+    """
+    batch = x.shape[0]
+    if batch % group_size:
+        raise UserError(
+            f"ghost BN got a training batch of {batch} samples, not a multiple of group_size={group_size}; "
+            "make the per-device micro-batch a multiple of the BN group size"
+        )
+    layout = _checked_layout(layout)
+    if layout == "auto":
+        layout = "per_group" if x.device.type == "cpu" else "packed"
+    normalise = _per_group_batch_norm if layout == "per_group" else _packed_batch_norm
+    dtype = torch.promote_types(x.dtype, torch.float32)  # BN in at least fp32 for bf16/fp16 inputs
+    out = normalise(x.to(dtype), batch // group_size, running_mean, running_var, weight, bias, momentum, eps)
+    return out.to(x.dtype)
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -67,16 +115,8 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        if not self.training or batch == self.group_size:
+        if not self.training or x.shape[0] == self.group_size:
             return super().forward(x)
-        if batch % self.group_size:
-            raise ValueError(
-                f"GhostBatchNorm2d got a training batch of {batch} samples, not a multiple of "
-                f"group_size={self.group_size}; make the per-device micro-batch a multiple of the BN group size"
-            )
-        groups = batch // self.group_size
-        dtype = torch.promote_types(x.dtype, torch.float32)  # BN in at least fp32 for bf16/fp16 inputs
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -84,10 +124,31 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         else:
             running_mean = running_var = None
             factor = 0.0
-        layout = self.layout if self.layout != "auto" else "per_group" if x.device.type == "cpu" else "packed"
-        normalise = _per_group_batch_norm if layout == "per_group" else _packed_batch_norm
-        out = normalise(x.to(dtype), groups, running_mean, running_var, self.weight, self.bias, factor, self.eps)
-        return out.to(x.dtype)
+        return ghost_batch_norm(x, self.group_size, running_mean, running_var, self.weight, self.bias,
+                                factor, self.eps, self.layout)
+
+
+class GhostBatchNormAct2d(GhostBatchNorm2d):
+    """Ghost BN followed by what timm's `BatchNormAct2d` applies after normalising: `drop`, then `act`.
+
+    `use_ghost_batchnorm` builds it from a `BatchNormAct2d`, keeping that layer's own `drop` and
+    `act` modules, so the state_dict keys stay those of `BatchNormAct2d` (checkpoints load both ways).
+    """
+
+    def __init__(self, num_features: int, group_size: int = 32, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 layout: str = "auto", *, act: nn.Module | None = None, drop: nn.Module | None = None):
+        super().__init__(num_features, group_size, eps, momentum, affine, track_running_stats, device, dtype, layout)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def is_ghost_bn(module: nn.Module) -> bool:
+    """Whether `module` takes its training statistics over groups (`GhostBatchNorm2d` or a variant)."""
+    return isinstance(module, GhostBatchNorm2d)
 
 
 def _checked_group_size(group_size: int) -> int:
@@ -153,34 +214,66 @@ def _packed_batch_norm(x, groups, running_mean, running_var, weight, bias, momen
     return out.view(n, groups, channels, height, width).transpose(0, 1).reshape(batch, channels, height, width)
 
 
-def use_ghost_batchnorm(model: nn.Module, group_size: int = 32, layout: str = "auto") -> int:
-    """Replace every `nn.BatchNorm2d` of `model` by a `GhostBatchNorm2d(group_size, layout=layout)`, in place.
 
-    Weights and running statistics are kept. Layers that are already ghost BN get the new group
-    size and layout. Returns the number of ghost BN layers in the model afterwards. Subclasses of BatchNorm2d
-    that add behaviour (e.g. timm's BatchNormAct2d) cannot be swapped without losing it: they
-    raise, naming the layer.
+# The BN classes whose forward ghost BN reproduces, by module and class name (this module imports
+# torch alone): nn.BatchNorm2d, and timm's BatchNormAct2d (batch_norm, then `drop`, then `act`: the
+# order of its forward, which its ghost variant keeps). Subclasses are not in the table: their
+# forward may do more.
+_GHOST_OF = {
+    ("torch.nn.modules.batchnorm", "BatchNorm2d"): GhostBatchNorm2d,
+    ("timm.layers.norm_act", "BatchNormAct2d"): GhostBatchNormAct2d,
+}
+
+
+def use_ghost_batchnorm(model: nn.Module, group_size: int = 32, layout: str = "auto") -> int:
+    """Make every BatchNorm2d of `model` ghost BN over groups of `group_size`, in place.
+
+    `nn.BatchNorm2d` becomes `GhostBatchNorm2d` and timm's `BatchNormAct2d` (EfficientNet,
+    MobileNetV3, RegNet) becomes `GhostBatchNormAct2d` with the layer's own activation and drop
+    modules. The new layers hold the very parameter and buffer tensors of the old ones (an optimizer
+    built before keeps training them) and the state_dict keys are unchanged. Layers that are already
+    ghost BN get the new group size and layout. Any other subclass of BatchNorm2d, whose forward may
+    do more than these, is refused with a `UserError` naming it, before any layer changes (as are a
+    bad group size or layout). Returns the number of ghost BN layers in the model afterwards.
     """
-    group_size, layout = _checked_group_size(group_size), _checked_layout(layout)  # before any layer changes
-    count = 0
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
+    group_size, layout = _checked_group_size(group_size), _checked_layout(layout)
+    plan = []
+    refused = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            full_name = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, GhostBatchNorm2d):
-                child.group_size, child.layout = group_size, layout
-                count += 1
-            elif type(child) is nn.BatchNorm2d:
-                ref = child.running_mean if child.running_mean is not None else child.weight
-                ghost = GhostBatchNorm2d(child.num_features, group_size, child.eps, child.momentum, child.affine,
-                                         child.track_running_stats,
-                                         device=None if ref is None else ref.device,
-                                         dtype=None if ref is None else ref.dtype, layout=layout)
-                ghost.load_state_dict(child.state_dict())
-                ghost.train(child.training)
-                setattr(parent, name, ghost)
-                count += 1
+                plan.append((parent, name, child, None))
             elif isinstance(child, nn.BatchNorm2d):
-                raise TypeError(
-                    f"cannot turn {name} ({type(child).__name__}) into ghost BN without losing its extra behaviour; "
-                    "build the model with norm_layer=nn.BatchNorm2d"
-                )
-    return count
+                ghost_class = _GHOST_OF.get((type(child).__module__, type(child).__qualname__))
+                if ghost_class is None:
+                    refused.append(f"{full_name} ({type(child).__module__}.{type(child).__qualname__})")
+                plan.append((parent, name, child, ghost_class))
+    if refused:
+        more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
+        raise UserError(
+            f"ghost BN cannot stand in for {refused[0]}{more}: ghost BN reproduces the forward of "
+            "nn.BatchNorm2d and timm's BatchNormAct2d only; build those layers as one of these, or keep "
+            "BN statistics over the whole per-device batch (no use_ghost_batchnorm; model.bn=per_device)"
+        )
+    ghosts: dict[int, GhostBatchNorm2d] = {}  # a layer shared by several parents stays shared
+    for parent, name, child, ghost_class in plan:
+        if ghost_class is None:
+            child.group_size, child.layout = group_size, layout
+            ghosts[id(child)] = child
+            continue
+        if id(child) not in ghosts:
+            ghosts[id(child)] = _ghost_of(child, ghost_class, group_size, layout)
+        setattr(parent, name, ghosts[id(child)])
+    return len(ghosts)
+
+
+def _ghost_of(bn: nn.BatchNorm2d, ghost_class: type, group_size: int, layout: str) -> GhostBatchNorm2d:
+    """A `ghost_class` layer holding `bn`'s own parameters, buffers and child modules (same keys)."""
+    ghost = ghost_class(bn.num_features, group_size, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                        device="meta", layout=layout)
+    for name, tensor in (*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)):
+        setattr(ghost, name, tensor)
+    for name, child in bn.named_children():
+        setattr(ghost, name, child)
+    return ghost.train(bn.training)

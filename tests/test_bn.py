@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from goyal_recipe import GhostBatchNorm2d, use_ghost_batchnorm, zero_init_last_bn
+from goyal_recipe.bn import GhostBatchNormAct2d, is_ghost_bn
+from goyal_recipe.errors import UserError
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -189,9 +191,153 @@ def test_use_ghost_batchnorm_on_timm_resnet_keeps_state_and_checkpoint_format():
     assert {m.group_size for m in model.modules() if isinstance(m, GhostBatchNorm2d)} == {4}
 
 
-def test_use_ghost_batchnorm_refuses_bn_subclasses_with_extra_behaviour():
+class _ScaledBatchNorm2d(nn.BatchNorm2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_use_ghost_batchnorm_refuses_an_unknown_bn_subclass_before_changing_a_layer_and_its_advice_works():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(_ScaledBatchNorm2d(3)), GhostBatchNorm2d(3, group_size=8))
+    with pytest.raises(UserError, match=r"^ghost BN cannot stand in for 1\.0 \(.*_ScaledBatchNorm2d\): .* "
+                                        r"build those layers as one of these, or keep BN statistics") as info:
+        use_ghost_batchnorm(model, group_size=2)
+    assert "\n" not in str(info.value)
+    assert type(model[0]) is nn.BatchNorm2d and type(model[1][0]) is _ScaledBatchNorm2d
+    assert model[2].group_size == 8
+    model[1][0] = nn.BatchNorm2d(3)  # the advice: build the layer as nn.BatchNorm2d
+    assert use_ghost_batchnorm(model, group_size=2) == 3
+    assert all(is_ghost_bn(m) for m in (model[0], model[1][0], model[2])) and not is_ghost_bn(model[1])
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_ghost_batchnormact_keeps_drop_then_act_and_equals_separate_workers(momentum):
+    """timm's BatchNormAct2d normalises, then applies `drop`, then `act`: its ghost variant keeps
+    both modules (the very objects) in that order. A drop that shifts by -1 and a ReLU do not commute."""
     from timm.layers import BatchNormAct2d
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4))
-    with pytest.raises(TypeError, match="BatchNormAct2d"):
-        use_ghost_batchnorm(model)
+    class Shift(nn.Module):
+        def forward(self, x):
+            return x - 1
+
+    torch.manual_seed(2)
+    bn = BatchNormAct2d(4, momentum=momentum, act_layer=nn.ReLU, drop_layer=Shift).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    workers = [copy.deepcopy(bn) for _ in range(3)]
+    model = nn.Sequential(bn)
+    act, drop, weight = bn.act, bn.drop, bn.weight
+    assert use_ghost_batchnorm(model, group_size=4) == 1
+    ghost = model[0]
+    assert type(ghost) is GhostBatchNormAct2d and ghost.act is act and ghost.drop is drop and ghost.weight is weight
+    for _ in range(2):
+        x = torch.randn(12, 4, 3, 3, dtype=torch.float64) * 2 + 1
+        out = ghost(x)
+        assert float(out.detach().min()) == 0.0  # ReLU applied last
+        torch.testing.assert_close(out, torch.cat([w(c) for w, c in zip(workers, x.chunk(3))]), rtol=1e-12, atol=1e-12)
+    for buf in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ghost, buf), sum(getattr(w, buf) for w in workers) / 3, rtol=1e-12, atol=1e-12)
+    workers[0].load_state_dict(ghost.state_dict())
+    ghost.eval(), workers[0].eval()
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(ghost(x), workers[0](x), rtol=0, atol=0)
+
+
+# timm's CNN families: ResNet-D (nn.BatchNorm2d), RegNet (BatchNormAct2d inside ConvNormAct),
+# EfficientNet and MobileNetV3 (BatchNormAct2d with SiLU / hard-swish / ReLU and none).
+TIMM_CNNS = ["resnet50d", "regnetx_002", "efficientnet_b0", "mobilenetv3_small_050"]
+
+
+def _timm_cnn(name, **kwargs):
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    except TypeError:  # EfficientNet and MobileNetV3 take no zero_init_last
+        kwargs.pop("zero_init_last", None)
+        return timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+
+
+@pytest.mark.parametrize("name", TIMM_CNNS)
+def test_ghost_bn_on_timm_cnns_equals_each_group_through_the_plain_model(name):
+    """Training mode, float64, 2 groups x 2 images at 64 px: the ghost model's outputs and parameter
+    gradients equal those of 2 copies of the plain model, each fed one group (k workers with BN over
+    n = 2); its running statistics are the mean of the copies'; state_dict keys and tensors are kept.
+    (At 32 px the last stages' BN sees 2 values per channel, and a 1e-15 change of the input moves
+    the outputs by up to 4e-7: too ill-conditioned to compare two summation orders tightly.)"""
+    torch.manual_seed(0)
+    model = _timm_cnn(name, drop_rate=0.0).double().train()
+    with torch.no_grad():  # away from timm's init (zero gammas, unit variances), so every layer counts
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5)
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    acts = {n: (m.act, m.drop) for n, m in model.named_modules() if hasattr(m, "act") and isinstance(m, nn.BatchNorm2d)}
+    assert (len(acts) > 0) == (name != "resnet50d")
+    workers = [copy.deepcopy(model) for _ in range(2)]
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+
+    assert use_ghost_batchnorm(model, group_size=2) == len(bns)
+    modules = dict(model.named_modules())
+    assert all(is_ghost_bn(modules[n]) for n in bns)
+    assert all((modules[n].act, modules[n].drop) == pair for n, pair in acts.items())
+    assert [id(p) for p in model.parameters()] == params  # an optimizer built before still trains them
+    state = model.state_dict()
+    assert list(state) == list(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    out = model(x)
+    ref = torch.cat([w(c) for w, c in zip(workers, x.chunk(2))])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    for (key, p), *copies in zip(model.named_parameters(), *(w.parameters() for w in workers)):
+        torch.testing.assert_close(p.grad, sum(c.grad for c in copies), rtol=1e-8, atol=1e-9, msg=key)
+    buffers = dict(model.named_buffers())
+    for key, value in buffers.items():
+        copies = [dict(w.named_buffers())[key] for w in workers]
+        if key.endswith("num_batches_tracked"):
+            assert int(value) == int(copies[0]) == 1, key
+        else:
+            torch.testing.assert_close(value, sum(copies) / 2, rtol=1e-10, atol=1e-12, msg=key)
+    plain = _timm_cnn(name, drop_rate=0.0).double()
+    plain.load_state_dict(model.state_dict(), strict=True)  # ghost checkpoint -> plain timm model
+    model.load_state_dict(plain.state_dict(), strict=True)  # and back
+
+
+def _identity_shortcut(block):
+    if hasattr(block, "has_skip"):  # EfficientNet / MobileNetV3 blocks
+        return block.has_skip
+    return getattr(block, "downsample", 0) is None or isinstance(getattr(block, "downsample", None), nn.Identity)
+
+
+@pytest.mark.parametrize("name,count,last", [
+    ("resnet50d", 16, "bn3"), ("regnetx_002", 13, "conv3.bn"),
+    ("efficientnet_b0", 9, "bn3"), ("mobilenetv3_small_050", 7, "bn3"),
+])
+def test_zero_init_last_bn_on_timm_cnns_names_every_norm_it_zeroed(name, count, last):
+    """The names returned are exactly the norms whose gamma is now zero and was not before, one per
+    residual block; each block with an identity shortcut then starts as the identity (Sec. 5.1)."""
+    torch.manual_seed(0)
+    model = _timm_cnn(name, zero_init_last=False).double().eval()
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    zero_before = {n for n, m in norms.items() if not m.weight.any()}
+    names = zero_init_last_bn(model)
+    zero_after = {n for n, m in norms.items() if not m.weight.any()}
+    assert len(names) == count and all(n.endswith(last) for n in names)
+    assert set(names) == zero_after - zero_before
+    assert zero_init_last_bn(model) == names  # idempotent: the same names when already zero
+
+    blocks = {n.rsplit(".", last.count(".") + 1)[0] for n in names}
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n, m in model.named_modules() if n in blocks]
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    identity = [n for n in blocks if _identity_shortcut(model.get_submodule(n))]
+    assert len(identity) >= count // 2
+    for n in identity:
+        torch.testing.assert_close(seen[n][1], seen[n][0], rtol=0, atol=0, msg=n)
