@@ -94,6 +94,28 @@ class NoiseScaleMeter:
         if math.isfinite(small) and math.isfinite(big):
             self.tracker.update(small, self.micro_batch_size, big, self.global_batch_size)
 
+    def fields(self) -> dict:
+        """The step record's keys: B_simple in images, and the averaged |G|^2 and tr(Sigma) it divides."""
+        t = self.tracker
+        if not t.updates:
+            return {}
+        return {"noise_scale": t.b_simple, "noise_grad_sq": t.grad_sq, "noise_trace_sigma": t.trace_sigma}
+
+    def summary(self) -> str | None:
+        """One line at an epoch's end: kn against the measured B_simple (the critical batch it approximates)."""
+        kn, b_simple = self.global_batch_size, self.tracker.b_simple
+        if not self.tracker.updates:
+            return None
+        if b_simple is None or b_simple <= 0:  # single estimates can be negative; so can short averages
+            return (f"noise scale: not resolved yet (averaged |G|^2 = {self.tracker.grad_sq:.3g}, tr(Sigma) = "
+                    f"{self.tracker.trace_sigma:.3g}: too few updates to average out their noise); kn = {kn}")
+        # McCandlish et al. eq. (2.11): updates to a given loss S = S_min (1 + B_noise / B), B_simple for B_noise.
+        ratio = kn / b_simple
+        doubled = (1 + b_simple / (2 * kn)) / (1 + b_simple / kn)
+        side = "below" if ratio < 1 else "past"
+        return (f"noise scale: B_simple = {b_simple:.4g} images; kn = {kn} is {ratio:.3g}x B_simple ({side} it): "
+                f"doubling kn would need {doubled:.2f}x the updates (S = S_min (1 + B/kn), McCandlish et al. eq. 2.11)")
+
 
 def noise_scale_meter(cfg: RecipeConfig, engine, plan: BatchPlan, model) -> NoiseScaleMeter | None:
     """The meter of `run.noise_scale`, or None (with the reason, once) where it cannot measure."""
@@ -119,6 +141,20 @@ class TrainStep:
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
         self.norm_statistics = NormStatistics(model)
         self.noise = noise_scale_meter(cfg, engine, plan, model)
+
+    def noise_fields(self) -> dict:
+        """`noise_scale`, `noise_grad_sq`, `noise_trace_sigma` for a step record (empty when not measured)."""
+        return self.noise.fields() if self.noise is not None else {}
+
+    def noise_summary(self) -> str | None:
+        return self.noise.summary() if self.noise is not None else None
+
+    def noise_state(self) -> dict | None:
+        return self.noise.tracker.state_dict() if self.noise is not None else None
+
+    def load_noise_state(self, state: dict | None) -> None:
+        if self.noise is not None and state is not None:
+            self.noise.tracker.load_state_dict(state)
 
     def __call__(self, batches: Iterator, poison: bool = False) -> tuple[torch.Tensor, float, bool, list[int]]:
         """Returns (stats, lr, applied, indices): stats = [loss sum, top-1 correct, images, bad images]
