@@ -204,12 +204,14 @@ def plan_table(workload: Workload, cluster: Cluster, gpu_counts, global_batch_si
                algorithm: str = "hierarchical") -> list[Row]:
     """Rows for each GPU count, each with its scaling efficiency against one node (at the same kn rule)."""
     node_gpus = cluster.gpus_per_node
-    node = plan_row(workload, cluster, node_gpus, global_batch_size, algorithm)
+    try:
+        node_img_s_per_gpu = plan_row(workload, cluster, node_gpus, global_batch_size, algorithm).images_per_s / node_gpus
+    except PlanError:  # a fixed kn smaller than one node's micro-batches: no node to compare with
+        node_img_s_per_gpu = math.nan
     rows = []
     for gpus in gpu_counts:
         row = plan_row(workload, cluster, gpus, global_batch_size, algorithm)
-        efficiency = (row.images_per_s / gpus) / (node.images_per_s / node_gpus)
-        rows.append(replace(row, scaling_efficiency=efficiency))
+        rows.append(replace(row, scaling_efficiency=row.images_per_s / gpus / node_img_s_per_gpu))
     return rows
 
 
@@ -283,8 +285,8 @@ def parameter_count(model: str) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def throughput_from_bench(path: str | Path, variant: str = "trainer") -> tuple[float, int, str]:
-    """(img/s, per-GPU batch, model) of the newest `benchmarks/bench_step.py` record in a results file."""
+def throughput_from_bench(path: str | Path, variant: str = "trainer") -> tuple[float, int, str, str]:
+    """(img/s, per-GPU batch, model, where and when) of the newest `benchmarks/bench_step.py` record."""
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"{path} not found; run benchmarks/bench_step.py on the GPU to plan for (it appends "
@@ -294,5 +296,7 @@ def throughput_from_bench(path: str | Path, variant: str = "trainer") -> tuple[f
     if not records:
         raise PlanError(f"{path} holds no bench_step record; pass the file benchmarks/bench_step.py wrote")
     last = records[-1]
+    gpu = (last.get("machine") or {}).get("gpu")
+    where = f"bench_step on {gpu['name'] if gpu else 'a CPU'}, {str(last.get('date', 'undated'))[:10]}"
     return (last["variants"][variant]["img_per_s"]["median"], int(last["settings"]["batch_size"]),
-            str(last["settings"]["model"]))
+            str(last["settings"]["model"]), where)

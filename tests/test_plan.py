@@ -224,13 +224,15 @@ def test_cli_reads_kn_and_epochs_from_a_recipe(capsys):
 
 
 def test_cli_takes_a_bench_step_record(tmp_path, capsys):
-    record = {"benchmark": "bench_step", "settings": {"batch_size": 128, "model": "resnet50"},
+    record = {"benchmark": "bench_step", "date": "2026-01-02T03:04:05+00:00",
+              "machine": {"gpu": {"name": "NVIDIA H100 80GB HBM3", "count": 1}},
+              "settings": {"batch_size": 128, "model": "resnet50"},
               "variants": {"trainer": {"img_per_s": {"median": 1234.5}}}}
     path = tmp_path / "bench_step.jsonl"
     path.write_text(json.dumps(record) + "\n")
     assert main(["--preset", "dgx-h100", "--bench", str(path), "--gpus", "1"]) == 0
     out = capsys.readouterr().out
-    assert "1,234.5 img/s at 128 per micro-batch" in out
+    assert "1,234.5 img/s at 128 per micro-batch (bench_step on NVIDIA H100 80GB HBM3, 2026-01-02:" in out
     assert main(["--bench", str(path), "--per-gpu-batch", "256"]) == 2
     assert "differs from the 128 the throughput was measured at" in capsys.readouterr().err
 
