@@ -62,8 +62,8 @@ class GradientNoiseScale:
     B_simple = EMA[tr(Sigma)] / EMA[|G|^2]: the single-update estimates are too noisy to divide
     (McCandlish et al., Appendix A.1, average them before the ratio). The averages are debiased as
     Adam's moments are (divided by 1 - decay^updates), so the first updates are not pulled to zero;
-    the ratio is the same either way. `b_simple` is None before the first update and while the averaged
-    |G|^2 is not positive (the noise then dominates what the updates measured).
+    the ratio is the same either way. `b_simple` is None before the first update and while either average
+    is not positive (the noise of the single estimates then still dominates their mean).
     """
 
     def __init__(self, ema_decay: float = 0.95):
@@ -100,7 +100,7 @@ class GradientNoiseScale:
     @property
     def b_simple(self) -> float | None:
         """tr(Sigma) / |G|^2 in samples (images), or None (see the class docstring)."""
-        if not self.updates or self._grad_sq <= 0:
+        if not self.updates or self._grad_sq <= 0 or self._trace_sigma <= 0:
             return None
         return self._trace_sigma / self._grad_sq
 

@@ -4,7 +4,7 @@ Matplotlib is imported inside the functions and figures are drawn on an Agg canv
 (no pyplot, no global backend switch), so importing this module is cheap and plotting works on
 headless machines and next to an interactive session.
 
-    goyal-plot runs/kn256                 # runs/kn256/plots/{error,lr,loss}.png
+    goyal-plot runs/kn256                 # runs/kn256/plots/{error,lr,loss,noise_scale}.png
     goyal-plot runs/kn256 runs/kn8k       # runs/kn256/plots/overlay.png (the paper's Figure 2)
 """
 
@@ -34,8 +34,8 @@ class NothingToPlotError(ValueError):
 class RunCurves:
     """The curves of one run, each a list of ``(x, y)`` points sorted by x.
 
-    ``lr`` and ``loss`` come from step records (x = fractional epoch); ``train_error`` and
-    ``val_error`` (top-1 error, percent) from epoch records (x = epochs completed).
+    ``lr``, ``loss`` and ``noise_scale`` (B_simple, images) come from step records (x = fractional
+    epoch); ``train_error`` and ``val_error`` (top-1 error, percent) from epoch records (x = epochs completed).
     """
 
     path: Path
@@ -46,6 +46,7 @@ class RunCurves:
     loss: Points = field(default_factory=list)
     train_error: Points = field(default_factory=list)
     val_error: Points = field(default_factory=list)
+    noise_scale: Points = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -96,6 +97,7 @@ def load_curves(run_dir: str | Path) -> RunCurves:
         loss=_points(steps, "epoch", "loss"),
         train_error=_points(epochs, "epoch", "train_top1_error"),
         val_error=_points(epochs, "epoch", "val_top1_error"),
+        noise_scale=_points(steps, "epoch", "noise_scale"),
     )
 
 
@@ -172,9 +174,22 @@ def _draw_lr(curves: RunCurves, schedule: Points, path: Path) -> Path:
     return _save(fig, ax, path)
 
 
+def _draw_noise_scale(curves: RunCurves, path: Path) -> Path:
+    """B_simple over training (log scale) with the run's kn as a horizontal line: where the curve lies
+    above the line, kn is below the critical batch it approximates (McCandlish et al. 2018)."""
+    fig, ax = _axes("epochs", "gradient noise scale B_simple (images)", curves.label)
+    xs, ys = zip(*curves.noise_scale)
+    ax.plot(xs, ys, ".-", markersize=3, label="measured B_simple")
+    if curves.global_batch_size:
+        ax.axhline(curves.global_batch_size, color="C3", linestyle="--", label=f"kn = {curves.global_batch_size}")
+    ax.set_yscale("log")
+    return _save(fig, ax, path)
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write ``error.png`` (top-1 error % vs epoch), ``lr.png`` (LR vs fractional epoch) and
-    ``loss.png`` (training loss vs fractional epoch) into ``out_dir`` (``run_dir/plots``).
+    ``loss.png`` (training loss vs fractional epoch) into ``out_dir`` (``run_dir/plots``), and
+    ``noise_scale.png`` (B_simple vs fractional epoch, kn as a line) when the run measured it.
 
     A plot whose records are absent is skipped (no epoch finished yet: no ``error.png``; no
     validation: training error only). Returns the paths written.
@@ -190,6 +205,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         written.append(_draw_lr(curves, schedule_points(run_dir, curves.header), out / "lr.png"))
     if curves.loss:
         written.append(_draw_line(curves, curves.loss, "training loss", out / "loss.png"))
+    if curves.noise_scale:
+        written.append(_draw_noise_scale(curves, out / "noise_scale.png"))
     if not written:
         raise NothingToPlotError(f"{curves.path} has no error, LR or loss values to plot")
     return written

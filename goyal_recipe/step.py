@@ -106,7 +106,7 @@ class NoiseScaleMeter:
         kn, b_simple = self.global_batch_size, self.tracker.b_simple
         if not self.tracker.updates:
             return None
-        if b_simple is None or b_simple <= 0:  # single estimates can be negative; so can short averages
+        if b_simple is None:  # single estimates can be negative; so can short averages
             return (f"noise scale: not resolved yet (averaged |G|^2 = {self.tracker.grad_sq:.3g}, tr(Sigma) = "
                     f"{self.tracker.trace_sigma:.3g}: too few updates to average out their noise); kn = {kn}")
         # McCandlish et al. eq. (2.11): updates to a given loss S = S_min (1 + B_noise / B), B_simple for B_noise.
