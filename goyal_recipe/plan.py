@@ -44,6 +44,13 @@ class Cluster:
     inter_bytes_per_s: float
     inter_latency_s: float
 
+    def __post_init__(self):
+        if self.gpus_per_node < 1 or min(self.intra_bytes_per_s, self.inter_bytes_per_s) <= 0:
+            raise PlanError("GPUs per node and bandwidths must be positive; check --gpus-per-node, --intra-gb-s, "
+                            "--inter-gb-s")
+        if min(self.intra_latency_s, self.inter_latency_s) < 0:
+            raise PlanError("latencies must be >= 0; check --intra-latency-us and --inter-latency-us")
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -61,6 +68,12 @@ class Workload:
     """DDP's default bucket_cap_mb = 25."""
     epochs: float = 90
     train_images: int = IMAGENET_TRAIN_IMAGES
+
+    def __post_init__(self):
+        if min(self.parameter_count, self.per_gpu_batch_size, self.bytes_per_gradient, self.train_images) < 1:
+            raise PlanError("parameter count, per-GPU batch, bytes per gradient and training images must be >= 1")
+        if min(self.images_per_s_per_gpu, self.bucket_bytes, self.epochs) <= 0 or not 0 < self.backward_fraction <= 1:
+            raise PlanError("img/s, --bucket-mb and --epochs must be positive and --backward-fraction in (0, 1]")
 
     @property
     def gradient_bytes(self) -> float:
@@ -180,7 +193,9 @@ def plan_row(workload: Workload, cluster: Cluster, gpus: int, global_batch_size:
     g, n = cluster.gpus_per_node, workload.per_gpu_batch_size
     if gpus < 1 or (gpus > g and gpus % g):
         raise PlanError(f"{gpus} GPUs do not fill whole nodes of {g}; use a multiple of {g} (or fewer than {g})")
-    kn = global_batch_size or n * gpus
+    kn = n * gpus if global_batch_size is None else global_batch_size
+    if kn < 1:
+        raise PlanError(f"kn = {kn} must be a positive number of images; pass --kn >= 1")
     if kn % (n * gpus):
         raise PlanError(f"kn = {kn} is not a whole number of micro-batches of {n} on {gpus} GPUs; "
                         f"use a kn divisible by {n * gpus} or another per-GPU batch")

@@ -132,21 +132,17 @@ def _inputs(args):
         raise PlanError(f"{args.recipe} runs {cfg.batch.per_device_batch_size} images per device but the "
                         f"throughput is for {batch}; measure at the recipe's batch or pass --img-per-s")
     model = args.model or (cfg.model.name if cfg else None) or model or "resnet50"
-    kn = args.kn or (cfg.batch.global_batch_size if cfg else preset.global_batch_size)
-    epochs = args.epochs or (cfg.optim.epochs if cfg else 90)
-    backward = args.backward_fraction or preset.backward_fraction
-    if not 0 < backward <= 1:
-        raise PlanError(f"--backward-fraction {backward} must lie in (0, 1]")
-    if img_s <= 0:
-        raise PlanError(f"throughput {img_s} img/s must be positive")
+    kn = args.kn if args.kn is not None else (cfg.batch.global_batch_size if cfg else preset.global_batch_size)
+    epochs = args.epochs if args.epochs is not None else (cfg.optim.epochs if cfg else 90)
+    backward = args.backward_fraction if args.backward_fraction is not None else preset.backward_fraction
     workload = Workload(parameter_count(model), img_s, batch, args.bytes_per_gradient, backward,
                         args.bucket_mb * MB, epochs)
     base = preset.cluster
     cluster = Cluster(
-        args.gpus_per_node or base.gpus_per_node,
-        args.intra_gb_s * GB if args.intra_gb_s else base.intra_bytes_per_s,
+        args.gpus_per_node if args.gpus_per_node is not None else base.gpus_per_node,
+        args.intra_gb_s * GB if args.intra_gb_s is not None else base.intra_bytes_per_s,
         args.intra_latency_us * 1e-6 if args.intra_latency_us is not None else base.intra_latency_s,
-        args.inter_gb_s * GB if args.inter_gb_s else base.inter_bytes_per_s,
+        args.inter_gb_s * GB if args.inter_gb_s is not None else base.inter_bytes_per_s,
         args.inter_latency_us * 1e-6 if args.inter_latency_us is not None else base.inter_latency_s)
     return preset, workload, cluster, kn, model, source
 
@@ -223,7 +219,11 @@ def render(args) -> tuple[str, list[Row], float | None]:
     return "\n".join(lines), rows, noise.noise_scale if noise else None
 
 
-def plot(rows: list[Row], path: Path, noise_scale: float | None, title: str) -> None:
+# Goyal et al. 2017: (GPUs, hours for 90 epochs, scaling efficiency against 8 GPUs), drawn beside the paper preset.
+PAPER_MEASURED = ((8, 29.0, 1.0), (256, 1.0, 0.90))
+
+
+def plot(rows: list[Row], path: Path, noise_scale: float | None, title: str, paper: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +236,13 @@ def plot(rows: list[Row], path: Path, noise_scale: float | None, title: str) -> 
     left.loglog(gpus, [ideal / g for g in gpus], "--", color="grey", label="linear from the first row")
     left.set(xlabel="GPUs", ylabel="time to train (h)", title=title)
     right.semilogx(gpus, [100 * r.scaling_efficiency for r in rows], "o-")
-    right.set(xlabel="GPUs", ylabel="scaling efficiency against one node (%)")
+    efficiencies = [100 * r.scaling_efficiency for r in rows if not math.isnan(r.scaling_efficiency)]
+    right.set(xlabel="GPUs", ylabel="scaling efficiency against one node (%)",
+              ylim=(min([80.0] + [e - 5 for e in efficiencies]), 102))
+    if paper:
+        left.plot([g for g, _, _ in PAPER_MEASURED], [h for _, h, _ in PAPER_MEASURED], "s", color="black",
+                  label="paper (measured)")
+        right.plot([g for g, _, _ in PAPER_MEASURED], [100 * e for _, _, e in PAPER_MEASURED], "s", color="black")
     if noise_scale:
         past = [r.gpus for r in rows if r.global_batch_size > noise_scale]
         for ax in (left, right):
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text, rows, noise_scale = render(args)
         if args.plot:
-            plot(rows, args.plot, noise_scale, f"goyal-plan --preset {args.preset}")
+            plot(rows, args.plot, noise_scale, f"goyal-plan --preset {args.preset}", paper=args.preset == "paper")
     except (UserError, ConfigError) as e:
         print(f"goyal-plan: error: {e}", file=sys.stderr)
         return 2

@@ -213,14 +213,30 @@ def test_cli_paper_preset_prints_the_model_beside_the_paper(capsys):
     assert "138.1 img/s at 32 per micro-batch (derived from Goyal et al. 2017" in out
 
 
-def test_cli_reads_kn_and_epochs_from_a_recipe(capsys):
-    assert main(["--preset", "dgx-h100", "--recipe", "recipes/resnet50_kn8k.yaml", "--img-per-s", "2500",
+def test_cli_reads_kn_and_epochs_from_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "kn8k_45ep.yaml"
+    recipe.write_text("model: {name: resnet50}\nbatch: {global_batch_size: 8192, per_device_batch_size: 256}\n"
+                      "optim: {epochs: 45, milestones: [15, 30, 40]}\n")
+    assert main(["--preset", "dgx-h100", "--recipe", str(recipe), "--img-per-s", "2500",
                  "--per-gpu-batch", "256", "--gpus", "8", "16", "32", "64"]) == 0
     out = capsys.readouterr().out
     table = [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
     assert [(int(t[0]), int(t[2]), int(t[3])) for t in table] == [(8, 8192, 4), (16, 8192, 2), (32, 8192, 1)]
     assert "skipped: 64 GPUs: kn = 8192 is not a whole number of micro-batches of 256 on 64 GPUs" in out
-    assert "kn = 8192 fixed" in out
+    assert "recipe: 45 epochs of 1,281,167 images; kn = 8192 fixed" in out
+    # 8 GPUs: 4 micro-batches of 256 at 2,500 img/s plus what the last backward does not hide, 156 updates x 45
+    row = plan_row(Workload(RESNET50_PARAMETERS, 2500.0, 256, epochs=45), PRESETS["dgx-h100"].cluster, 8, 8192)
+    assert row.compute_s == pytest.approx(4 * 256 / 2500, rel=1e-12)
+    assert row.time_to_train_s == pytest.approx(45 * 156 * 4 * 256 / 2500, rel=1e-3)  # 47.9 min
+    assert table[0][-2:] == [f"{row.time_to_train_s / 60:.1f}", "min"] == ["47.9", "min"]
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    assert main(["--bucket-mb", "0"]) == 2
+    assert capsys.readouterr().err == ("goyal-plan: error: img/s, --bucket-mb and --epochs must be positive and "
+                                       "--backward-fraction in (0, 1]\n")
+    assert main(["--img-per-s", "900"]) == 2
+    assert "--img-per-s needs --per-gpu-batch" in capsys.readouterr().err
 
 
 def test_cli_takes_a_bench_step_record(tmp_path, capsys):
