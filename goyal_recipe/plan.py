@@ -313,5 +313,8 @@ def throughput_from_bench(path: str | Path, variant: str = "trainer") -> tuple[f
     last = records[-1]
     gpu = (last.get("machine") or {}).get("gpu")
     where = f"bench_step on {gpu['name'] if gpu else 'a CPU'}, {str(last.get('date', 'undated'))[:10]}"
-    return (last["variants"][variant]["img_per_s"]["median"], int(last["settings"]["batch_size"]),
-            str(last["settings"]["model"]), where)
+    try:
+        return (last["variants"][variant]["img_per_s"]["median"], int(last["settings"]["batch_size"]),
+                str(last["settings"]["model"]), where)
+    except KeyError as e:
+        raise PlanError(f"{path}: the newest bench_step record lacks {e}; rerun benchmarks/bench_step.py") from None
