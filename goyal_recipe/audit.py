@@ -416,14 +416,15 @@ class FirstUpdateCheck:
     `grad_reduction`: "mean" when the gradient all-reduce averages over `world_size` ranks.
     `schedule`/`scheduler`: the LR expected at each update; `sampler`: whose epoch and offset must
     match the LR's position. `fix_loss`: the integration's advice for a wrong loss normalisation.
-    `on_remove`: called once the hooks are gone (to undo an integration's own instrumentation).
+    `accumulation_steps`: micro-batches per update (a loss the check did not see is refused when a
+    per-micro-batch mean would be wrong). `on_remove`: called once the hooks are gone (to undo an integration's own instrumentation).
     """
 
     def __init__(self, optimizer, *, global_batch_size: int | None = None, world_size: int = 1, loss_divisor: int = 1,
                  grad_reduction: str = "mean", static: Callable[[], list[Finding]] | None = None,
                  scheduler=None, schedule: Schedule | None = None, sampler=None, allow: Iterable[str] = (),
                  fix_loss: str = "normalise each micro-batch's per-sample losses with global_batch_loss",
-                 on_remove: Callable[[], None] | None = None):
+                 accumulation_steps: int = 1, on_remove: Callable[[], None] | None = None):
         self.optimizer = _innermost_optimizer(optimizer)
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.world_size = int(world_size)
@@ -435,6 +436,7 @@ class FirstUpdateCheck:
         self.sampler = sampler
         self.allow = tuple(allow)
         self.fix_loss = fix_loss
+        self.accumulation_steps = int(accumulation_steps)
         self.on_remove = on_remove
         self.findings: list[Finding] | None = None  # what the first update found
         self._samples = 0
@@ -540,10 +542,14 @@ class FirstUpdateCheck:
         if kn is None:
             pass
         elif records == 0:
+            divisor = self.loss_divisor() if callable(self.loss_divisor) else self.loss_divisor
+            # A per-micro-batch mean is right only where the engine itself divides by the accumulation steps.
+            wrong_if_mean = self.accumulation_steps > 1 and divisor != self.accumulation_steps
             findings.append(Finding(
                 "loss_unchecked",
                 "the first update's loss did not go through the recipe's loss helper, so its normalisation by kn "
-                f"and the samples per update are unchecked; {self.fix_loss}", False))
+                "is unchecked" + (f" (a per-micro-batch mean would give {self.accumulation_steps} x the paper's "
+                                  "gradient here)" if wrong_if_mean else "") + f"; {self.fix_loss}", wrong_if_mean))
         else:
             if samples != kn:
                 findings.append(Finding(

@@ -1,0 +1,104 @@
+"""The recipe in an accelerate loop, runnable on a CPU with generated data (kn = 32 = 2 processes x 8 x 2).
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py
+
+Prints the LR of every update: gradual warmup 0.1 -> 0.4 over epoch 0, 0.4 in epoch 1, 0.04 in epoch 2.
+`--out DIR` also writes each process's updates (LR, loss, sample indices) and the parameters after
+update 3 and at the end; `--checkpoint-at U --checkpoint DIR` saves the state after update U
+(`accelerator.save_state`) and goes on; `--resume DIR` continues from such a state.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from goyal_recipe import Schedule, build_optimizer
+from goyal_recipe.integrations.accelerate import AccelerateRecipe
+
+NUM_SAMPLES, FEATURES, CLASSES = 128, 6, 3
+GLOBAL_BATCH_SIZE, PER_DEVICE_BATCH_SIZE = 32, 8  # kn and n; accumulation = 32 / (8 x 2 processes) = 2
+
+
+def dataset(dtype=torch.float32) -> TensorDataset:
+    """Generated classification data; the third column is each sample's index."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(NUM_SAMPLES, FEATURES, generator=generator, dtype=torch.float64)
+    y = (x[:, :CLASSES] + 0.5 * torch.randn(NUM_SAMPLES, CLASSES, generator=generator, dtype=torch.float64)).argmax(1)
+    return TensorDataset(x.to(dtype), y, torch.arange(NUM_SAMPLES))
+
+
+def model(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, CLASSES)).to(dtype)
+
+
+def schedule() -> Schedule:
+    # eta = 0.1 per 8 samples scaled to kn = 32: 0.4, reached after 1 epoch; x0.1 at epoch 2 of 3.
+    return Schedule(global_batch_size=GLOBAL_BATCH_SIZE, base_lr=0.1, base_batch_size=8, warmup_epochs=1,
+                    milestones=(2,), epochs=3)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--checkpoint-at", type=int)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--resume", type=Path)
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+
+    # Per-worker BN statistics (the paper): DDP must not copy rank 0's BN buffers at each forward.
+    accelerator = Accelerator(gradient_accumulation_steps=2,
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    data = dataset(dtype)
+    recipe = AccelerateRecipe(accelerator, schedule(), num_samples=len(data),
+                              per_device_batch_size=PER_DEVICE_BATCH_SIZE, bn_group_size=PER_DEVICE_BATCH_SIZE)
+    net = model(dtype)
+    loader = DataLoader(data, batch_size=PER_DEVICE_BATCH_SIZE, sampler=recipe.sampler)
+    net, optimizer, loader, scheduler = recipe.prepare(net, build_optimizer(net, weight_decay=1e-4), loader)
+    if args.resume:
+        accelerator.load_state(args.resume)
+
+    records, loss_sum, indices = [], 0.0, []
+    for epoch in recipe.epochs(loader):
+        for x, y, index in loader:
+            with accelerator.accumulate(net):
+                loss = recipe.loss(F.cross_entropy(net(x), y, reduction="none"))
+                accelerator.backward(loss)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    update, lr = recipe.updates_done - 1, optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += loss.item()
+            indices += index.tolist()
+            if not accelerator.sync_gradients:
+                continue
+            accelerator.print(f"epoch {epoch} update {update} lr {lr:.4f}")
+            records.append({"update": update, "epoch": epoch, "lr": lr, "loss": loss_sum, "indices": indices})
+            loss_sum, indices = 0.0, []
+            if args.out and accelerator.is_main_process and update + 1 == 3:
+                torch.save(accelerator.unwrap_model(net).state_dict(), args.out / "params_update3.pt")
+            if args.checkpoint_at is not None and update + 1 == args.checkpoint_at:
+                accelerator.save_state(args.checkpoint)
+
+    if args.out:
+        rank = accelerator.process_index
+        (args.out / f"updates_rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if accelerator.is_main_process:
+            torch.save(accelerator.unwrap_model(net).state_dict(), args.out / "params_final.pt")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

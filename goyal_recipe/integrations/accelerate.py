@@ -1,0 +1,110 @@
+"""The recipe in a user's own `Accelerator` loop, with accelerate's own idioms.
+
+    accelerator = Accelerator(gradient_accumulation_steps=A)          # A = kn / (n x processes)
+    recipe = AccelerateRecipe(accelerator, Schedule(global_batch_size=kn), num_samples=len(dataset),
+                              per_device_batch_size=n)
+    loader = DataLoader(dataset, batch_size=n, sampler=recipe.sampler)
+    model, optimizer, loader, scheduler = recipe.prepare(model, build_optimizer(model), loader)
+    for epoch in recipe.epochs(loader):
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(recipe.loss(F.cross_entropy(model(x), y, reduction="none")))
+                optimizer.step(); scheduler.step(); optimizer.zero_grad()
+
+What each of accelerate's defaults does to the paper's update, and what the recipe does about it:
+- `accelerator.backward` divides the loss by `gradient_accumulation_steps`, and DDP averages over
+  the processes: `recipe.loss` weights each sample by processes x A / kn, so the update is the mean
+  over kn (Remark 3) exactly. `global_batch_loss`, which already divides by kn, would be divided
+  twice: the first update refuses it.
+- `prepare(loader)` shards the loader's batches over the processes (batch b to process b mod k).
+  `recipe.sampler` is therefore one stream (one shuffle per epoch, Remark 4) that this sharding splits
+  once, and process r's micro-batches are the blocks `goyal-train` gives rank r. A sampler that also
+  splits (num_replicas > 1) would split twice: refused at the first update.
+- A prepared scheduler is stepped once per process per update and not at all between
+  accumulation micro-batches; `GoyalLR` counts real optimizer updates, so either is harmless.
+- `save_state()` saves the prepared scheduler but no sampler position; the recipe registers itself
+  for checkpointing (`register_for_checkpointing`), so `load_state()` restores the LR position and the
+  mid-epoch data position together.
+- Clipping (`accelerator.clip_grad_norm_`) is no part of the paper's update: refused at the first
+  update unless `allow=("grad_clipping",)`.
+
+On a CPU, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 loop.py` starts two
+processes; `--cpu` starts one, and without ACCELERATE_USE_CPU=1 the processes do not join one group
+(refused here).
+"""
+
+from __future__ import annotations
+
+import os
+
+from accelerate import Accelerator
+
+from ..errors import UserError
+from ..schedule import Schedule
+from . import LoopRecipe
+
+
+class AccelerateRecipe(LoopRecipe):
+    """The recipe's sampler, `GoyalLR`, loss and first-update audit for an `Accelerator` loop.
+
+    Registers itself with `accelerator.register_for_checkpointing`: `save_state`/`load_state` keep the
+    LR and data position. `bn_group_size` is the BN batch the audit expects (per-device micro-batch
+    with plain BN, the group with ghost BN; None: unchecked); `allow` accepts audit codes on purpose.
+    """
+
+    fix_loss = ("use recipe.loss(per_sample_loss): accelerator.backward already divides by "
+                "gradient_accumulation_steps and DDP by the processes")
+    fix_loader = "give the loader recipe.sampler (one stream) and let accelerator.prepare shard it"
+
+    def __init__(self, accelerator: Accelerator, schedule: Schedule, *, num_samples: int, per_device_batch_size: int,
+                 seed: int = 0, bn_group_size: int | None = 32, allow: tuple[str, ...] = ()):
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != accelerator.num_processes:
+            raise UserError(f"the launcher started {launched} processes but accelerate joined "
+                            f"{accelerator.num_processes}; on a CPU set ACCELERATE_USE_CPU=1")
+        super().__init__(schedule, num_samples=num_samples, per_device_batch_size=per_device_batch_size,
+                         world_size=accelerator.num_processes, rank=accelerator.process_index,
+                         split_in_sampler=False, seed=seed, bn_group_size=bn_group_size, allow=allow)
+        steps = accelerator.gradient_accumulation_steps
+        if steps not in (1, self.accumulation_steps):
+            raise UserError(
+                f"Accelerator(gradient_accumulation_steps={steps}) but kn = {self.global_batch_size} on "
+                f"{self.world_size} processes x micro-batch {self.per_device_batch_size} needs "
+                f"{self.accumulation_steps}; set gradient_accumulation_steps={self.accumulation_steps}")
+        self.accelerator = accelerator
+        accelerator.register_for_checkpointing(self)
+
+    def _loss_divisor(self) -> int:
+        return self.accelerator.gradient_accumulation_steps
+
+    def prepare(self, model, optimizer, loader, *others):
+        """`accelerator.prepare(model, optimizer, loader, scheduler, *others)` with the recipe's `GoyalLR`
+        as the scheduler, then `watch`. Returns (model, optimizer, loader, scheduler, *others)."""
+        scheduler = self.make_scheduler(optimizer)
+        prepared = self.accelerator.prepare(model, optimizer, loader, scheduler, *others)
+        self.watch(prepared[0], prepared[1], prepared[2], prepared[3])
+        return prepared
+
+    def watch(self, model, optimizer, loader=None, scheduler=None, *, checkpointed=None,
+              grad_clip_norm: float | None = None, on_remove=None):
+        """Audit at the first update, with what accelerate's checkpoints save and its clipping calls seen."""
+        accelerator = self.accelerator
+        for name in ("clip_grad_norm_", "clip_grad_value_"):
+            setattr(accelerator, name, self._seen_clipping(getattr(type(accelerator), name).__get__(accelerator)))
+
+        def restore():
+            for name in ("clip_grad_norm_", "clip_grad_value_"):
+                accelerator.__dict__.pop(name, None)
+
+        if checkpointed is None:
+            # accelerate's save_state saves the prepared schedulers and the registered objects.
+            checkpointed = [*getattr(accelerator, "_schedulers", []), *getattr(accelerator, "_custom_objects", [])]
+        return super().watch(model, optimizer, loader, scheduler, checkpointed=checkpointed,
+                             grad_clip_norm=grad_clip_norm, on_remove=restore)
+
+    def _seen_clipping(self, clip):
+        def clipped(parameters, bound, *args, **kwargs):
+            if self.check is not None and self.check.active:
+                self.check.record_clipping(bound)
+            return clip(parameters, bound, *args, **kwargs)
+        return clipped
