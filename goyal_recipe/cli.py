@@ -68,12 +68,13 @@ def train_main(argv: list[str] | None = None) -> int:
 @_guarded("goyal-data")
 def data_main(argv: list[str] | None = None) -> int:
     from .data.generate import generate_main
+    from .data.imagenet_archive import prepare_main
     from .data.validate import validate_main
 
-    commands = {"generate": generate_main, "validate": validate_main}
+    commands = {"generate": generate_main, "validate": validate_main, "prepare-imagenet": prepare_main}
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in commands:
-        return _fail("goyal-data", "usage: goyal-data {generate,validate} ROOT [options]; "
+        return _fail("goyal-data", "usage: goyal-data {generate,validate,prepare-imagenet} ROOT [options]; "
                                    "see goyal-data generate --help and goyal-data validate --help")
     return commands[argv[0]](argv[1:])
 
