@@ -1,0 +1,210 @@
+"""The recipe in a plain DistributedDataParallel loop under torchrun, 2 CPU processes, accumulation 2.
+
+The example `examples/ddp_loop.py` runs in float64: the LR of every update on both ranks is the
+schedule's, each epoch uses every sample once in `goyal-train`'s blocks, and the parameters after 3
+updates (and at the end) are those of one process over the same micro-batches. Run as a script under
+torchrun, this module resumes a loop from `recipe.state_dict()` mid-epoch (it must continue exactly)
+and makes a DDP user's mistakes; each stops at the first update (or the first of the next epoch) with
+the audit's line.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+
+import ddp_loop as example  # noqa: E402
+
+from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer  # noqa: E402
+from goyal_recipe.errors import RecipeMismatch  # noqa: E402
+
+WORLD = 2
+UPDATES_PER_EPOCH = example.NUM_SAMPLES // example.GLOBAL_BATCH_SIZE  # 4
+TOTAL_UPDATES = 3 * UPDATES_PER_EPOCH
+
+
+def torchrun(args, tmp_path, script):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(WORLD),
+           str(script), *args]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_updates(out, rank):
+    return [json.loads(line) for line in (out / f"updates_rank{rank}.jsonl").read_text().splitlines()]
+
+
+def parameters(path):
+    state = torch.load(path, weights_only=True)
+    return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def reference(updates):
+    """One process, float64, over the micro-batches the ranks use: update u takes the epoch
+    permutation's blocks [4u, 4u+4) of 8 samples (BN over each), loss summed / kn."""
+    data = example.dataset(torch.float64)
+    net = example.model(torch.float64)
+    optimizer = build_optimizer(net, weight_decay=1e-4)
+    scheduler = GoyalLR(optimizer, example.schedule(), UPDATES_PER_EPOCH)
+    stream = EpochShuffleSampler(example.NUM_SAMPLES, seed=0)
+    states, kn = {}, example.GLOBAL_BATCH_SIZE
+    for update in range(updates):
+        epoch, in_epoch = divmod(update, UPDATES_PER_EPOCH)
+        for block in stream.permutation(epoch)[in_epoch * kn:(in_epoch + 1) * kn].view(-1, 8):
+            x, y, _ = data[block]
+            (F.cross_entropy(net(x), y, reduction="sum") / kn).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        states[update + 1] = {k: v.detach().clone() for k, v in net.named_parameters()}
+    return states
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    proc = torchrun(["--dtype", "float64", "--out", str(tmp / "out")], tmp, REPO / "examples" / "ddp_loop.py")
+    return tmp / "out", proc.stdout
+
+
+def test_lr_of_every_update_on_every_rank_is_the_schedule(run):
+    out, stdout = run
+    schedule = example.schedule()
+    for rank in range(WORLD):
+        records = read_updates(out, rank)
+        assert [r["update"] for r in records] == list(range(TOTAL_UPDATES))
+        for r in records:
+            assert r["lr"] == pytest.approx(schedule.lr(r["update"] / UPDATES_PER_EPOCH), rel=1e-15)
+    assert "update 3 lr 0.3250" in stdout and "update 8 lr 0.0400" in stdout
+
+
+def test_every_sample_once_per_epoch_in_the_trainers_blocks(run):
+    out, _ = run
+    for epoch in range(3):
+        seen = []
+        for rank in range(WORLD):
+            mine = [i for r in read_updates(out, rank) if r["epoch"] == epoch for i in r["indices"]]
+            trainer = EpochShuffleSampler(example.NUM_SAMPLES, WORLD, rank, 0, batch_size=8, accumulation_steps=2)
+            assert mine == trainer.rank_indices(epoch).tolist()
+            seen += mine
+        assert sorted(seen) == list(range(example.NUM_SAMPLES))
+
+
+def test_parameters_equal_one_process_over_the_same_micro_batches(run):
+    out, _ = run
+    expected = reference(TOTAL_UPDATES)
+    for update, path in ((3, out / "params_update3.pt"), (TOTAL_UPDATES, out / "params_final.pt")):
+        got = parameters(path)
+        assert got.keys() == expected[update].keys()
+        for name, value in got.items():
+            torch.testing.assert_close(value, expected[update][name], rtol=1e-12, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume and mistakes, in a user's loop (run under torchrun by test_resume_and_mistakes)
+
+MISTAKES = {
+    "mean_loss": "loss_unchecked",  # a per-micro-batch mean, accumulated over 2 micro-batches: 2x the gradient
+    "sampler_not_split": "data_not_split",  # every rank reads the whole epoch
+    "no_set_epoch": "sampler_not_reshuffled",  # epoch 1 repeats epoch 0's order: refused at its first update
+    "scheduler_only_resume": "data_position",  # the LR restored, the data not: epoch 1 restarts at its first sample
+}
+
+
+def _loop(name=None, *, state=None, stop_after=None):
+    """Build the example's loop (with one mistake), optionally restore `state`, train; returns what happened."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from goyal_recipe.integrations.ddp import DDPRecipe
+
+    data = example.dataset(torch.float64)
+    recipe = DDPRecipe(example.schedule(), num_samples=len(data), per_device_batch_size=8, bn_group_size=8)
+    net = DistributedDataParallel(example.model(torch.float64), broadcast_buffers=False)
+    optimizer = build_optimizer(net, weight_decay=1e-4)
+    scheduler = recipe.make_scheduler(optimizer)
+    sampler = EpochShuffleSampler(len(data), batch_size=8, accumulation_steps=4) if name == "sampler_not_split" \
+        else recipe.sampler
+    loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
+    if state is not None:
+        net.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if name == "scheduler_only_resume":
+            scheduler.load_state_dict(state["recipe"]["scheduler"])
+        else:
+            recipe.load_state_dict(state["recipe"])
+    recipe.watch(net, optimizer, loader)
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    start, losses, error = recipe.updates_done, [], None
+    epochs = range(recipe.epoch, 3) if name in ("no_set_epoch", "scheduler_only_resume") else recipe.epochs()
+    try:
+        for epoch in epochs:
+            if name == "scheduler_only_resume":
+                sampler.set_epoch(epoch)  # the user's own epoch loop: the epoch is right, its first samples are not
+            for x, y, _ in loader:
+                with recipe.accumulate(net) as update_now:
+                    per_sample = F.cross_entropy(net(x), y, reduction="none")
+                    loss = per_sample.mean() if name == "mean_loss" else recipe.loss(per_sample)
+                    loss.backward()
+                losses.append(loss.item())
+                if update_now:
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                    if recipe.updates_done == stop_after:
+                        return {"model": {k: v.clone() for k, v in net.module.state_dict().items()},
+                                "optimizer": optimizer.state_dict(), "recipe": recipe.state_dict()}
+    except RecipeMismatch as exc:
+        error = str(exc)
+    return {"name": name, "error": error, "updates": recipe.updates_done - start, "losses": losses,
+            "unchanged": all(torch.equal(before[k], v) for k, v in net.named_parameters()),
+            "params": {k: v.tolist() for k, v in net.module.named_parameters()}}
+
+
+def _run_resume_and_mistakes(out: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    results = {}
+    full = _loop()
+    saved = _loop(stop_after=6)  # mid-epoch 1
+    resumed = _loop(state=saved)
+    results["resume"] = {"full_losses": full["losses"][12:], "resumed_losses": resumed["losses"],
+                         "equal": full["params"] == resumed["params"], "updates": resumed["updates"],
+                         "error": resumed["error"]}
+    for name in MISTAKES:
+        results[name] = _loop(name, state=saved if name == "scheduler_only_resume" else None)
+        results[name].pop("params")
+    (out / f"results_rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_resume_and_mistakes(tmp_path):
+    torchrun(["--scenarios", str(tmp_path)], tmp_path, Path(__file__))
+    for rank in range(WORLD):
+        results = json.loads((tmp_path / f"results_rank{rank}.json").read_text())
+        resume = results["resume"]
+        # Updates 6..11 of the uninterrupted loop (2 micro-batches each): same losses, same final parameters.
+        assert resume["error"] is None and resume["updates"] == 6
+        assert resume["resumed_losses"] == resume["full_losses"] and resume["equal"]
+        for name, code in MISTAKES.items():
+            r = results[name]
+            assert r["error"] is not None and r["error"].startswith(f"{code}: "), (name, r["error"])
+            assert "\n" not in r["error"]
+            if name == "no_set_epoch":  # epoch 0 is right; epoch 1 stops before its first update
+                assert r["updates"] == UPDATES_PER_EPOCH, r
+            else:
+                assert r["updates"] == 0 and r["unchanged"], (name, r)
+
+
+if __name__ == "__main__":
+    _run_resume_and_mistakes(Path(sys.argv[sys.argv.index("--scenarios") + 1]))
