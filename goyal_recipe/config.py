@@ -452,8 +452,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                              "save it as UTF-8") from None
+            line = e.object[:e.start].count(b"\n") + 1
+            raise ConfigError(f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}, "
+                              f"line {line}); save it as UTF-8") from None
         except OSError as e:
             raise ConfigError(f"recipe {path} cannot be read ({e.strerror}); check its permissions") from None
         try:

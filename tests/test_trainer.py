@@ -138,3 +138,107 @@ def test_quickstart_learns(tmp_path):
     assert last["val_images"] == 200
     assert last["val_top1_error"] < 60, proc.stdout[-2000:]
     assert {p.name for p in (tmp_path / "quickstart" / "plots").iterdir()} >= {"error.png", "lr.png"}
+
+
+# --- Two processes killed and resumed: every piece of rank-local state survives a checkpoint ------------------
+
+def _by_epoch(run_dir):
+    """The last epoch record of each epoch (an epoch redone after a resume was logged twice), without clock fields."""
+    last = {r["epoch"]: r for r in records(run_dir, "epoch")}
+    return {e: {k: v for k, v in r.items() if k not in ("time", "epoch_s")} for e, r in last.items()}
+
+
+def _samples(run_dir, ranks=(0, 1)):
+    """{(rank, update): indices}, the last record of each update (one redone after a resume was logged twice)."""
+    import json
+
+    out = {}
+    for rank in ranks:
+        for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            out[rank, rec["update"]] = (rec["epoch"], rec["indices"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed(data_root, tmp_path_factory):
+    """A 2-process run whose rank 1 is SIGKILLed once the checkpoint of update 6 (inside epoch 2) is complete;
+    it also holds the epoch-end checkpoint of update 4. Checkpoints written after 6 (if the kill landed later) are
+    removed, so that each test resumes from the checkpoint it names."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from _runs import BIN, RECIPE, REPO
+    from test_faults_train import worker_pid
+
+    out = tmp_path_factory.mktemp("killed")
+    args = overrides(data_root, out, "run", **{"run.resume": "auto", "run.checkpoint_every_updates": 2,
+                                                "run.keep_checkpoints": 3})
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+           "-m", "goyal_recipe.cli", "train", str(RECIPE), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = out / "run" / "checkpoints"
+    try:
+        deadline = time.time() + 300
+        while not (checkpoints / "update_000000006" / "COMPLETE").is_file():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before update 6"
+            time.sleep(0.02)
+        os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (out / "run" / "model.safetensors").exists()
+    for path in checkpoints.iterdir():
+        if path.name > "update_000000006":
+            shutil.rmtree(path)
+    assert {p.name for p in checkpoints.iterdir()} >= {"update_000000004", "update_000000006"}
+    return out / "run"
+
+
+def test_per_rank_state_is_checkpointed(killed):
+    """Inside an epoch each rank's BN running statistics are its own (the paper's per-worker BN), and both are
+    saved; at an epoch's end they have been averaged and agree."""
+    for update, averaged in ((4, True), (6, False)):
+        path = killed / "checkpoints" / f"update_{update:09d}"
+        ranks = [load_file(path / f"buffers_rank{rank}.safetensors") for rank in (0, 1)]
+        stats = [key for key in ranks[0] if key.endswith(("running_mean", "running_var"))]
+        assert len(stats) == len(ranks[0]) == 2 * 14  # every float buffer of resnet10t's 14 BN layers
+        assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in stats) == averaged, update
+        sums = [torch.load(path / f"rank{rank}.pt", weights_only=True)["progress"]["epoch_sums"] for rank in (0, 1)]
+        if averaged:  # the epoch-end checkpoint starts the next epoch
+            assert all(not s.any() for s in sums)
+        else:  # 2 updates of epoch 2: 2 x 8 images on each rank
+            assert [float(s[2]) for s in sums] == [16.0, 16.0] and float(sums[0][0]) != float(sums[1][0])
+
+
+@pytest.mark.parametrize("resume_from", [6, 4], ids=["mid-epoch", "epoch-end"])
+def test_two_processes_killed_and_resumed_equal_uninterrupted(runs, killed, tmp_path, data_root, resume_from):
+    """SIGKILL of rank 1, then run.resume=auto from the checkpoint inside epoch 2 (6) or at the end of epoch 1 (4):
+    per-update losses, every parameter and buffer of the final weights, the epoch records and each rank's samples
+    of each update equal the uninterrupted 2-process run's, bit for bit."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed, run_dir)
+    for path in (run_dir / "checkpoints").iterdir():
+        if path.name > f"update_{resume_from:09d}":
+            shutil.rmtree(path)
+    proc = train(overrides(data_root, tmp_path, "run", **{"run.resume": "auto", "run.checkpoint_every_updates": 2,
+                                                          "run.keep_checkpoints": 3}), launcher="accelerate")
+    assert f"at update {resume_from}" in proc.stdout
+    reference = runs / "two_procs"
+    assert records(run_dir, "run")[-1]["resumed_at_update"] == resume_from
+    assert step_losses(run_dir) == step_losses(reference)
+    resumed, uninterrupted = load_file(run_dir / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert sum(key.endswith("running_var") for key in resumed) == 14
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+    assert _by_epoch(run_dir) == _by_epoch(reference)
+    assert _samples(run_dir) == _samples(reference)
