@@ -93,6 +93,13 @@ def replicate_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
+@_guarded("goyal-plan")
+def plan_main(argv: list[str] | None = None) -> int:
+    from .plan_cli import main
+
+    return main(argv)
+
+
 COMMANDS = {"train": train_main, "data": data_main, "plot": plot_main}
 
 
