@@ -1,0 +1,201 @@
+"""The gradient noise scale: the estimator against a closed form, the tracker's state, the per-backward norms,
+and goyal-train's measurement under every split of the same images into ranks and micro-batches."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from _runs import EPOCHS, RECIPE, UPDATES_PER_EPOCH, overrides, records, train
+from goyal_recipe import GradientNoiseScale, Schedule, noise_scale_estimates
+from goyal_recipe.config import BatchPlan, load_config
+from goyal_recipe.errors import UserError
+from goyal_recipe.noise_scale import BackwardGradNorms, grad_sq_norm
+from goyal_recipe.step import noise_scale_meter
+
+NOISE_KEYS = ("noise_scale", "noise_grad_sq", "noise_trace_sigma")
+
+
+def least_squares_draws(draws, big_batch, micro_batches, dim, noise_std, delta, generator):
+    """Per update: the mean |G_small|^2 over `micro_batches` gradients of big_batch / micro_batches samples,
+    and |G_big|^2 of their mean, for the loss 1/2 (x.w - y)^2 with x ~ N(0, I), y = x.w* + N(0, noise_std^2),
+    at w = w* + delta. Per-sample gradient: x (x.delta - eps)."""
+    x = torch.randn(draws, big_batch, dim, generator=generator, dtype=torch.float64)
+    eps = noise_std * torch.randn(draws, big_batch, generator=generator, dtype=torch.float64)
+    per_sample = x * (x @ delta - eps).unsqueeze(-1)
+    small = per_sample.reshape(draws, micro_batches, big_batch // micro_batches, dim).mean(2)
+    big = per_sample.mean(1)
+    return small.square().sum(-1).mean(1), big.square().sum(-1)
+
+
+def test_estimates_match_the_closed_form_of_least_squares():
+    """G = delta; Sigma = (|delta|^2 + s^2) I + delta delta^T (Isserlis' theorem for Gaussian x), so
+    tr(Sigma) = d (|delta|^2 + s^2) + |delta|^2 and B_simple = tr(Sigma) / |delta|^2."""
+    dim, noise_std, big_batch, micro_batches, draws = 8, 1.0, 64, 8, 20_000
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(dim, generator=generator, dtype=torch.float64) * 0.3
+    grad_sq_true = float(delta.square().sum())
+    trace_true = dim * (grad_sq_true + noise_std ** 2) + grad_sq_true
+    small, big = least_squares_draws(draws, big_batch, micro_batches, dim, noise_std, delta, generator)
+    grad_sq, trace_sigma = noise_scale_estimates(small, big_batch // micro_batches, big, big_batch)
+    assert float(grad_sq.mean()) == pytest.approx(grad_sq_true, rel=0.03)
+    assert float(trace_sigma.mean()) == pytest.approx(trace_true, rel=0.02)
+    # The naive reading of |G_big|^2 as |G|^2 is biased by tr(Sigma) / B_big, far beyond those tolerances.
+    assert float(big.mean()) == pytest.approx(grad_sq_true + trace_true / big_batch, rel=0.02)
+    assert float(big.mean()) > 1.2 * grad_sq_true
+
+    tracker = GradientNoiseScale(ema_decay=0.999)
+    for s, b in zip(small.tolist(), big.tolist()):
+        tracker.update(s, big_batch // micro_batches, b, big_batch)
+    assert tracker.b_simple == pytest.approx(trace_true / grad_sq_true, rel=0.05)
+
+
+def test_estimates_of_one_pair_by_hand_and_bad_batches():
+    grad_sq, trace_sigma = noise_scale_estimates(3.0, 8, 1.5, 32)
+    assert grad_sq == pytest.approx((32 * 1.5 - 8 * 3.0) / 24)  # 1.0
+    assert trace_sigma == pytest.approx((3.0 - 1.5) / (1 / 8 - 1 / 32))  # 16.0
+    for small_batch, big_batch in ((8, 8), (16, 8), (0, 8)):
+        with pytest.raises(UserError, match="small_batch < big_batch"):
+            noise_scale_estimates(1.0, small_batch, 1.0, big_batch)
+    with pytest.raises(UserError, match="ema_decay"):
+        GradientNoiseScale(ema_decay=1.0)
+
+
+def test_tracker_averages_then_divides_and_round_trips():
+    pairs = [(3.0, 1.5), (2.0, 1.9), (5.0, 1.0), (1.0, 1.2)]
+    tracker = GradientNoiseScale(ema_decay=0.5)
+    assert tracker.b_simple is None and tracker.grad_sq is None
+    tracker.update(*(3.0, 8), *(1.5, 32))
+    assert (tracker.grad_sq, tracker.trace_sigma, tracker.b_simple) == pytest.approx((1.0, 16.0, 16.0))  # debiased
+    grad_ema = trace_ema = 0.0
+    for t, (s, b) in enumerate(pairs, 1):
+        if t > 1:
+            tracker.update(s, 8, b, 32)
+        g, tr = noise_scale_estimates(s, 8, b, 32)
+        grad_ema, trace_ema = 0.5 * grad_ema + 0.5 * g, 0.5 * trace_ema + 0.5 * tr
+    assert tracker.grad_sq == pytest.approx(grad_ema / (1 - 0.5 ** 4))
+    assert tracker.trace_sigma == pytest.approx(trace_ema / (1 - 0.5 ** 4))
+    assert tracker.b_simple == pytest.approx(trace_ema / grad_ema)  # ratio of the averages, not average of ratios
+
+    restored = GradientNoiseScale(ema_decay=0.5)
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    for other in (tracker, restored):
+        other.update(4.0, 8, 1.1, 32)
+    assert restored.state_dict() == tracker.state_dict()
+    assert (restored.b_simple, restored.updates) == (tracker.b_simple, 5)
+    with pytest.raises(UserError, match="ema_decay"):
+        GradientNoiseScale(ema_decay=0.9).load_state_dict(tracker.state_dict())
+
+    unresolved = GradientNoiseScale()
+    unresolved.update(1.0, 8, 1.2, 32)  # |G_big| > |G_small|: tr(Sigma) estimate < 0
+    assert unresolved.trace_sigma < 0 and unresolved.b_simple is None
+
+
+def test_backward_grad_norms_are_each_passes_own_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    batches = [torch.randn(6, 5) for _ in range(3)]
+    expected = 0.0
+    for x in batches:  # each pass's gradient alone, as autograd.grad gives it
+        grads = torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
+        expected += sum(float(g.square().sum()) for g in grads)
+    norms = BackwardGradNorms(model.parameters())
+    for x in batches:  # accumulated into .grad, as under gradient accumulation
+        model(x).square().mean().backward()
+    assert float(norms.take()) == pytest.approx(expected, rel=1e-6)
+    assert float(norms.take()) == 0.0
+    accumulated = sum(float(p.grad.square().sum()) for p in model.parameters())
+    assert float(grad_sq_norm(model.parameters())) == pytest.approx(accumulated, rel=1e-6)
+    assert accumulated != pytest.approx(expected, rel=1e-3)  # the sum of passes is not the pass sum's norm
+    norms.remove()
+    model(batches[0]).sum().backward()
+    assert float(norms.take()) == 0.0
+
+
+# goyal-train: LARS with polynomial decay (the same schedule as every run below), 4 updates of kn = 16.
+LARS = {"optim.optimizer": "lars", "optim.decay": "poly", "optim.weight_decay": 5e-4, "optim.nesterov": "false",
+        "run.max_updates": UPDATES_PER_EPOCH}
+SCHEDULE = Schedule(global_batch_size=16, base_lr=0.05, base_batch_size=4, warmup_epochs=1, decay="poly",
+                    epochs=EPOCHS)
+
+
+def noise_records(run_dir):
+    return [{k: r[k] for k in ("update", *NOISE_KEYS)} for r in records(run_dir, "step")]
+
+
+def assert_same_noise(run_dir, reference, updates=None):
+    got, want = noise_records(run_dir), noise_records(reference)
+    if updates:
+        got, want = got[:updates], want[:updates]
+    assert [r["update"] for r in got] == [r["update"] for r in want]
+    for a, b in zip(got, want):
+        for key in NOISE_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (run_dir.name, a["update"], key)
+
+
+@pytest.fixture(scope="module")
+def noise_runs(data_root, tmp_path_factory):
+    """The same 64 images per epoch as 1 process x 2 micro-batches of 8 (TensorBoard, plots), 2 processes x 8,
+    and DeepSpeed ZeRO-1 as 1 process x 2 micro-batches for one update (SGD: ZeRO-1 refuses LARS). ZeRO-1 reads
+    the reduced gradient's norm from DeepSpeed; ZeRO-0 reads .grad as accelerate does (2 processes: slow case)."""
+    out = tmp_path_factory.mktemp("noise_runs")
+    one = train(overrides(data_root, out, "one", **LARS, **{"run.trackers": "[tensorboard]", "run.plots": "true"}))
+    train(overrides(data_root, out, "two", **LARS), launcher="accelerate")
+    train(overrides(data_root, out, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1, "run.max_updates": 1}))
+    return out, one.stdout
+
+
+def test_same_images_same_noise_scale_on_every_split(noise_runs):
+    out, stdout = noise_runs
+    steps = records(out / "one", "step")
+    assert [r["update"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r["noise_grad_sq"] > 0 and r["noise_trace_sigma"] > 0
+        assert r["noise_scale"] == pytest.approx(r["noise_trace_sigma"] / r["noise_grad_sq"], rel=1e-12)
+        # LARS's per-update LR is the schedule's (poly decay after the gradual warmup)
+        assert r["lr"] == pytest.approx(SCHEDULE.lr((r["update"] - 1) / UPDATES_PER_EPOCH), rel=1e-12)
+    assert len({r["noise_scale"] for r in steps}) == 4  # it moves with the weights
+    assert_same_noise(out / "two", out / "one")
+    assert_same_noise(out / "zero1", out / "one", updates=1)  # update 1: the initial weights, any optimizer
+    b_simple = steps[-1]["noise_scale"]
+    assert f"noise scale: B_simple = {b_simple:.4g} images; kn = 16 is {16 / b_simple:.3g}x B_simple" in stdout
+    assert (out / "one" / "plots" / "noise_scale.png").stat().st_size > 0
+    events = b"".join(p.read_bytes() for p in (out / "one" / "tracking").rglob("events.out.tfevents*"))
+    assert b"train/noise_scale" in events and b"train/noise_trace_sigma" in events
+
+
+def test_resume_continues_the_noise_tracker(noise_runs, data_root, tmp_path):
+    out, _ = noise_runs
+    train(overrides(data_root, tmp_path, "one", **{**LARS, "run.max_updates": 2, "run.resume": "auto"}))
+    proc = train(overrides(data_root, tmp_path, "one", **{**LARS, "run.resume": "auto"}))
+    assert "at update 2" in proc.stdout
+    assert_same_noise(tmp_path / "one", out / "one")  # updates 3 and 4 average on from the saved EMAs
+    resumed = records(tmp_path / "one", "step")
+    assert [r["update"] for r in resumed] == [1, 2, 3, 4]
+
+
+def test_one_gradient_per_update_logs_no_noise_scale(data_root, tmp_path):
+    proc = train(overrides(data_root, tmp_path, "single", **{"batch.per_device_batch_size": 16, "run.max_updates": 1}))
+    assert proc.stderr.count("noise scale not measured: it needs two gradients per update") == 1
+    steps = records(tmp_path / "single", "step")
+    assert len(steps) == 1 and not any(key in steps[0] for key in NOISE_KEYS)
+
+
+def test_recipe_switch_turns_the_meter_off():
+    cfg = load_config(RECIPE, ["run.noise_scale=false"])
+    plan = BatchPlan(global_batch_size=16, per_device_batch_size=8, world_size=1, accumulation_steps=2,
+                     bn_group_size=8)
+    assert noise_scale_meter(cfg, engine=None, plan=plan, model=None) is None
+    assert load_config(RECIPE).run.noise_scale is True
+
+
+@pytest.mark.slow  # the deepspeed launcher takes about a minute to start 2 CPU processes
+def test_deepspeed_launcher_two_processes_same_noise_scale(noise_runs, data_root, tmp_path):
+    out, _ = noise_runs
+    train(overrides(data_root, tmp_path, "zero0", engine="deepspeed", **LARS), launcher="deepspeed")
+    assert records(tmp_path / "zero0", "run")[0]["world_size"] == 2
+    assert_same_noise(tmp_path / "zero0", out / "one")
+    train(overrides(data_root, tmp_path, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1,
+                                                      "run.max_updates": 1}), launcher="deepspeed")
+    assert_same_noise(tmp_path / "zero1", out / "one", updates=1)
