@@ -23,13 +23,13 @@ log = logging.getLogger(__name__)
 
 def build_training(cfg: RecipeConfig, engine, plan: BatchPlan, num_classes: int, updates_per_epoch: int):
     """Model (timm, recipe init and BN mode), optimizer (weight-decay groups) and GoyalLR, prepared by the engine."""
-    # On its device before the optimizer is built: the optimizer picks its fused or foreach path from it.
-    model = build_model(cfg.model, num_classes, plan, engine.world_size).to(engine.device)
     o = cfg.optim
     if o.optimizer in LAYERWISE and cfg.engine == "deepspeed" and cfg.deepspeed.zero_stage > 0:
         # ZeRO-1 steps the optimizer on flat shards that cut across layers: no per-layer norm to trust.
         raise ConfigError(f"optim.optimizer={o.optimizer} needs each layer's whole weight and gradient norm, but "
                           "DeepSpeed ZeRO-1 steps the optimizer on flat shards across layers; set deepspeed.zero_stage=0")
+    # On its device before the optimizer is built: the optimizer picks its fused or foreach path from it.
+    model = build_model(cfg.model, num_classes, plan, engine.world_size).to(engine.device)
     optimizer = build_optimizer(model, o.optimizer, lr=o.base_lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, norm_weight_decay=o.norm_weight_decay,
                                 bias_weight_decay=o.bias_weight_decay, momentum_correction=o.momentum_correction,
