@@ -140,3 +140,93 @@ def test_step_on_cuda_reports_mfu(tmp_path):
     record = json.loads(results.read_text())
     assert record["machine"]["gpu"]["name"] and record["derived"]["peak_tflops"] > 0
     assert all(0 < record["variants"][v]["mfu"] for v in ("trainer", "reference"))
+
+
+def _vs_timm():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_vs_timm
+    finally:
+        sys.path.remove(str(BENCH))
+    return bench_vs_timm
+
+
+def test_vs_timm_goyal_side_runs_and_records(tmp_path):
+    """bench_vs_timm --quick --goyal-only: one tiny goyal-train run, measured from its own metrics and log."""
+    results = tmp_path / "vs.jsonl"
+    cmd = [sys.executable, str(BENCH / "bench_vs_timm.py"), "--quick", "--repeats", "1", "--device", "cpu",
+           "--data-dir", str(tmp_path / "data"), "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "median [min, max]" in proc.stdout and "record appended to" in proc.stdout
+    record = json.loads(results.read_text())
+    assert record["benchmark"] == "bench_vs_timm" and set(record["variants"]) == {"goyal_train"}
+    goyal = record["variants"]["goyal_train"]
+    for metric in ("img_per_s", "wall_s", "startup_s", "end_s", "peak_rss_main_mib", "peak_rss_tree_mib"):
+        check_summary(metric, goyal[metric], 1)
+    # the main process and its one loader worker; the tree holds more than the main process alone
+    assert goyal["processes"]["median"] >= 2
+    assert goyal["peak_rss_tree_mib"]["median"] > goyal["peak_rss_main_mib"]["median"] > 100
+    assert goyal["startup_s"]["median"] + goyal["end_s"]["median"] < goyal["wall_s"]["median"]
+    assert 0 <= goyal["data_wait_pct"]["median"] < 100 and 0 <= goyal["val_top1_error"]["median"] <= 100
+    assert record["derived"]["window_updates"] == [3, 6] and record["derived"]["global_batch_size"] == 16
+    command = record["settings"]["commands"]["goyal_train"]
+    assert "run.log_every_updates=1" in command and "data.root=<data>" in command
+    assert not any(str(tmp_path) in part or str(REPO) in part for part in command)
+
+
+def test_vs_timm_flags_follow_the_quickstart_recipe(tmp_path):
+    """timm's flags for the cpu preset: the quickstart's batch chain, LR per update, crop and epochs."""
+    vs = _vs_timm()
+    fake_train = tmp_path / "train.py"
+    fake_train.write_text("")
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for synset in ("n01", "n02", "n03"):
+            (data / split / synset).mkdir(parents=True)
+    args = vs.parse(["--timm-train", str(fake_train), "--dry-run", "--device", "cpu"])
+    cfg = vs.recipe_config(args, data)
+    cmd = vs.timm_command(args, cfg, data, tmp_path / "runs")
+    assert cmd[1] == str(fake_train)
+
+    def value(flag, count=1):
+        i = cmd.index(flag)
+        return cmd[i + 1:i + 1 + count]
+
+    assert value("--data-dir") == [str(data)] and value("--train-split") == ["train"] and value("--val-split") == ["val"]
+    assert value("--model") == ["resnet18"] and value("--num-classes") == ["3"]
+    assert value("--input-size", 3) == ["3", "48", "48"]
+    assert value("--batch-size") == ["64"] and value("--grad-accum-steps") == ["2"] and value("--workers") == ["2"]
+    # eta = 0.1 x 128 / 32, gradual warmup from 0.1 over 2 epochs, x0.1 at epochs 6 and 8 of 9, per update
+    assert float(value("--lr")[0]) == 0.4 and float(value("--warmup-lr")[0]) == 0.1
+    assert value("--warmup-epochs") == ["2"] and value("--decay-milestones", 2) == ["6", "8"]
+    assert value("--epochs") == ["9"] and "--sched-on-updates" in cmd and value("--sched") == ["multistep"]
+    assert value("--opt") == ["sgd"] and value("--momentum") == ["0.9"] and value("--weight-decay") == ["0.0001"]
+    assert value("--scale", 2) == ["0.25", "1.0"] and value("--smoothing") == ["0.0"]
+    assert value("--color-jitter") == ["0.0"] and value("--log-interval") == ["1"]
+    assert "--amp" not in cmd and "--channels-last" not in cmd
+
+
+def test_vs_timm_reads_update_times_and_data_waits_from_timm_lines():
+    """timm prints each update's time and the epoch's running mean of accumulation x micro-batch wait."""
+    vs = _vs_timm()
+    accum, updates_per_epoch = 2, 3
+    update_s = [0.61, 0.58, 0.7, 0.66, 0.6, 0.59]
+    micro_waits = [0.02, 0.001, 0.3, 0.0, 0.012, 0.004, 0.5, 0.02, 0.0, 0.0, 0.031, 0.009]
+    lines, total, count = [], 0.0, 0
+    for u, seconds in enumerate(update_s):
+        epoch, index = divmod(u, updates_per_epoch)
+        if index == 0:
+            total, count = 0.0, 0  # timm's meters are made anew each epoch
+        for w in micro_waits[accum * u:accum * (u + 1)]:
+            total, count = total + accum * w, count + 1
+        lines.append((u, f"Train: {epoch} [{index:>4d}/{updates_per_epoch} (50%)]  Loss: 2.30 (2.31)  "
+                         f"Time: {seconds:.3f}s,  209.84/s  (0.610s,  209.84/s)  LR: 1.000e-01  "
+                         f"Data: {accum * w:.3f} ({total / count:.3f})"))
+    lines.insert(3, (3.5, "Test: [   0/7]  Time: 0.100 (0.100)  Loss:   0.300 ( 0.300)  Acc@1:  90.000 ( 90.000)"))
+    times, waits = vs.timm_series(lines)
+    assert times == update_s
+    expected = [sum(micro_waits[accum * u:accum * (u + 1)]) for u in range(len(update_s))]
+    # the running mean is printed to 1 ms: each cumulative sum is within (i + 1) x 0.0005 s
+    assert waits == pytest.approx(expected, abs=2 * updates_per_epoch * 0.0005)
+    assert sum(waits[3:]) == pytest.approx(sum(expected[3:]), abs=updates_per_epoch * 0.0005)
