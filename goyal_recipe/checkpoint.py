@@ -191,8 +191,11 @@ def load_checkpoint(engine, path: Path, model, optimizer) -> tuple[dict, dict | 
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker); pick another or resume=none")
     trainer_state = read_torch(path / "trainer.pt")
+    if not isinstance(trainer_state, dict) or "world_size" not in trainer_state:
+        raise CheckpointError(f"{path} has no per-rank state (written by another version of goyal_recipe); resume "
+                              "with that version, or set run.resume=none")
     engine.load_state(path, model, optimizer)
-    _load_buffers(engine, path, model, int(trainer_state.get("world_size", 1)))
+    _load_buffers(engine, path, model, int(trainer_state["world_size"]))
     rank_file = path / f"rank{engine.rank}.pt"
     if not rank_file.is_file():  # resuming on more ranks than saved
         return trainer_state, None

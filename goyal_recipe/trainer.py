@@ -87,17 +87,19 @@ class Progress:
     def state_dict(self) -> dict:
         return {**{key: getattr(self, key) for key in self.SHARED}, "epoch": self.epoch,
                 "epoch_samples_done": self.epoch_samples_done, "updates_per_epoch": self.updates_per_epoch,
+                "global_batch_size": self.global_batch_size,
                 "epoch_sums": self.epoch_sums.cpu(), "window_sums": self.window_sums.cpu()}
 
     def load_state_dict(self, state: dict, sums: bool = True) -> None:
         """Restore the position (checked against this run's plan) and, with `sums`, this rank's running sums."""
-        if int(state["updates_per_epoch"]) != self.updates_per_epoch:
-            raise CheckpointError(f"the checkpoint was written with {state['updates_per_epoch']} updates per epoch, "
-                                  f"this recipe makes {self.updates_per_epoch}; resume with the batch size and data "
-                                  "that wrote it, or set run.resume=none")
+        saved = (int(state["global_batch_size"]), int(state["updates_per_epoch"]))
+        if saved != (self.global_batch_size, self.updates_per_epoch):
+            raise CheckpointError(f"the checkpoint was written with batch.global_batch_size={saved[0]} and {saved[1]} "
+                                  f"updates per epoch, this run has {self.global_batch_size} and "
+                                  f"{self.updates_per_epoch}; resume with the recipe and data that wrote it, or set "
+                                  "run.resume=none")
         for key in self.SHARED:
             setattr(self, key, int(state[key]))
-        assert (self.epoch, self.epoch_samples_done) == (state["epoch"], state["epoch_samples_done"])
         if sums:
             self.epoch_sums.copy_(state["epoch_sums"])
             self.window_sums.copy_(state["window_sums"])
@@ -146,8 +148,10 @@ class Trainer:
             return
         engine = self.engine
         state, mine = load_checkpoint(engine, path, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.train_step.load_noise_state(state.get("noise_scale"))
+        missing = [key for key in ("scheduler", "world_size", "progress") if key not in state]
+        if missing or (mine is not None and "progress" not in mine):
+            raise CheckpointError(f"{path} lacks {', '.join(missing) or 'progress'} (written by another version of "
+                                  "goyal_recipe); resume with that version, or set run.resume=none")
         saved_world_size = int(state["world_size"])
         if saved_world_size == engine.world_size:
             self.progress.load_state_dict(mine["progress"])
@@ -158,6 +162,8 @@ class Trainer:
                     saved = read_torch(path / f"rank{rank}.pt")["progress"]
                     self.progress.epoch_sums += saved["epoch_sums"].to(engine.device)
                     self.progress.window_sums += saved["window_sums"].to(engine.device)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_step.load_noise_state(state.get("noise_scale"))
         self._print(f"resumed from {path} at update {self.update}")
 
     def _print(self, text: str) -> None:

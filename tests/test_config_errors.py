@@ -167,6 +167,8 @@ def _checkpoint(tiny_root, directory, corrupt: str):
         (directory / "optimizer.pt").write_bytes(data[: len(data) // 2])
     elif corrupt == "trainer.pt":
         (directory / "trainer.pt").write_bytes(b"")
+    elif corrupt == "old version":
+        torch.save({"update": 2}, directory / "trainer.pt")
     elif corrupt == "another model":
         save_file({"fc.weight": torch.zeros(3, 3)}, directory / "model.safetensors")
 
@@ -177,6 +179,7 @@ CHECKPOINTS = [
     ("truncated optimizer.pt", "optimizer.pt", "{ckpt}/optimizer.pt is corrupt or truncated ("),
     ("empty trainer.pt", "trainer.pt", "{ckpt}/trainer.pt is corrupt or truncated ("),
     ("weights of another model", "another model", "{ckpt}/model.safetensors does not fit this model ("),
+    ("written by another version", "old version", "{ckpt} has no per-rank state (written by another version"),
 ]
 
 
@@ -188,6 +191,19 @@ def test_corrupt_checkpoint(tiny_root, tmp_path, capsys, corrupt, expected):
     recipe.write_text(yaml.safe_dump(base_recipe(tiny_root, tmp_path / "runs")))
     code = train_main([str(recipe), f"run.resume={checkpoint}"])
     check_one_line_error(capsys, code, expected.replace("{ckpt}", str(checkpoint)), tmp_path / "runs")
+
+
+def test_checkpoint_of_another_batch_size(tiny_root, tmp_path, capsys):
+    """A real checkpoint (one update of kn=16) resumed with kn=8: refused, the new run leaves nothing."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(base_recipe(tiny_root, tmp_path / "old")))
+    assert train_main([str(recipe), "run.max_updates=1"]) == 0
+    checkpoint = tmp_path / "old" / "bad" / "checkpoints" / "update_000000001"
+    capsys.readouterr()
+    code = train_main([str(recipe), f"run.output_dir={tmp_path / 'runs'}", f"run.resume={checkpoint}",
+                       "batch.global_batch_size=8"])
+    check_one_line_error(capsys, code, "the checkpoint was written with batch.global_batch_size=16 and 2 updates per "
+                         "epoch, this run has 8 and 4", tmp_path / "runs")
 
 
 def test_an_error_keeps_what_an_earlier_run_left(tiny_root, tmp_path, capsys):
