@@ -5,7 +5,8 @@ schedule's, each epoch uses every sample once in the blocks `goyal-train` gives 
 parameters after 3 updates (and at the end) are those of one process stepping over the same
 micro-batches, computed here. A run resumed from `save_state` mid-epoch ends with the losses and
 parameters of the uninterrupted one. Run as a script under the launcher, this module makes the
-mistakes of the issue one by one in a user's loop; each stops at the first update with the audit's line.
+mistakes of the issue one by one in a user's loop (each stops at the first update with the audit's
+line), then runs that resume in the same processes.
 """
 
 import json
@@ -76,18 +77,19 @@ def reference(updates):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The uninterrupted run (checkpointing after update 6 on the way) and the run resumed from it."""
+    """The uninterrupted run (checkpointing after update 6 on the way); then, in one launch, the user's
+    mistakes and the example resumed from that checkpoint."""
     tmp = tmp_path_factory.mktemp("accelerate")
-    script = REPO / "examples" / "accelerate_loop.py"
     full, resumed, checkpoint = tmp / "full", tmp / "resumed", tmp / "checkpoint"
     proc = launch(["--dtype", "float64", "--out", str(full), "--checkpoint-at", str(CHECKPOINT_AT),
-                   "--checkpoint", str(checkpoint)], tmp, script)
-    launch(["--dtype", "float64", "--out", str(resumed), "--resume", str(checkpoint)], tmp, script)
-    return full, resumed, proc.stdout
+                   "--checkpoint", str(checkpoint)], tmp, REPO / "examples" / "accelerate_loop.py")
+    launch(["--mistakes", str(tmp), "--dtype", "float64", "--out", str(resumed), "--resume", str(checkpoint)], tmp,
+           Path(__file__))
+    return full, resumed, proc.stdout, tmp
 
 
 def test_lr_of_every_update_on_every_rank_is_the_schedule(runs):
-    full, _, stdout = runs
+    full, _, stdout, _ = runs
     schedule = example.schedule()
     for rank in range(WORLD):
         records = read_updates(full, rank)
@@ -98,7 +100,7 @@ def test_lr_of_every_update_on_every_rank_is_the_schedule(runs):
 
 
 def test_every_sample_once_per_epoch_in_the_trainers_blocks(runs):
-    full, _, _ = runs
+    full, _, _, _ = runs
     for epoch in range(3):
         seen = []
         for rank in range(WORLD):
@@ -111,7 +113,7 @@ def test_every_sample_once_per_epoch_in_the_trainers_blocks(runs):
 
 
 def test_parameters_equal_one_process_over_the_same_micro_batches(runs):
-    full, _, _ = runs
+    full, _, _, _ = runs
     expected = reference(TOTAL_UPDATES)
     for update, path in ((3, full / "params_update3.pt"), (TOTAL_UPDATES, full / "params_final.pt")):
         got = parameters(path)
@@ -124,7 +126,7 @@ def test_parameters_equal_one_process_over_the_same_micro_batches(runs):
 
 
 def test_save_state_mid_epoch_then_load_state_continues_exactly(runs):
-    full, resumed, _ = runs
+    full, resumed, _, _ = runs
     for rank in range(WORLD):
         after = [r for r in read_updates(full, rank) if r["update"] >= CHECKPOINT_AT]
         again = read_updates(resumed, rank)
@@ -135,7 +137,7 @@ def test_save_state_mid_epoch_then_load_state_continues_exactly(runs):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The issue's mistakes, made in a user's loop (run under the launcher by test_mistakes_stop_at_first_update)
+# The issue's mistakes, made in a user's loop (run under the launcher by the `runs` fixture)
 
 MISTAKES = {
     "naive_loss": "loss_divided_twice",  # accumulate() + global_batch_loss: accelerate divides by A again
@@ -207,10 +209,10 @@ def _run_mistakes(out: Path) -> None:
     (out / f"mistakes_rank{rank}.json").write_text(json.dumps(results))
 
 
-def test_mistakes_stop_at_first_update(tmp_path):
-    launch(["--mistakes", str(tmp_path)], tmp_path, Path(__file__))
+def test_mistakes_stop_at_first_update(runs):
+    out = runs[3]
     for rank in range(WORLD):
-        results = {r["name"]: r for r in json.loads((tmp_path / f"mistakes_rank{rank}.json").read_text())}
+        results = {r["name"]: r for r in json.loads((out / f"mistakes_rank{rank}.json").read_text())}
         assert results.keys() == MISTAKES.keys()
         for name, code in MISTAKES.items():
             r = results[name]
@@ -219,5 +221,7 @@ def test_mistakes_stop_at_first_update(tmp_path):
             assert r["updates"] == 0 and r["unchanged"], (name, r)
 
 
-if __name__ == "__main__":
-    _run_mistakes(Path(sys.argv[sys.argv.index("--mistakes") + 1]))
+if __name__ == "__main__":  # --mistakes DIR, then the example's own arguments (it ends the process group)
+    flag = sys.argv.index("--mistakes")
+    _run_mistakes(Path(sys.argv[flag + 1]))
+    example.main(sys.argv[1:flag] + sys.argv[flag + 2:])
