@@ -4,8 +4,8 @@ The example `examples/ddp_loop.py` runs in float64: the LR of every update on bo
 schedule's, each epoch uses every sample once in `goyal-train`'s blocks, and the parameters after 3
 updates (and at the end) are those of one process over the same micro-batches. Run as a script under
 torchrun, this module resumes a loop from `recipe.state_dict()` mid-epoch (it must continue exactly)
-and makes a DDP user's mistakes; each stops at the first update (or the first of the next epoch) with
-the audit's line.
+and makes a DDP user's mistakes (each stops at the first update, or the first of the next epoch, with
+the audit's line), then runs the example in the same processes.
 """
 
 import json
@@ -72,13 +72,14 @@ def reference(updates):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """One launch: the resume and the mistakes below, then the example (float64) in the same processes."""
     tmp = tmp_path_factory.mktemp("ddp")
-    proc = torchrun(["--dtype", "float64", "--out", str(tmp / "out")], tmp, REPO / "examples" / "ddp_loop.py")
-    return tmp / "out", proc.stdout
+    proc = torchrun(["--scenarios", str(tmp), "--dtype", "float64", "--out", str(tmp / "out")], tmp, Path(__file__))
+    return tmp / "out", proc.stdout, tmp
 
 
 def test_lr_of_every_update_on_every_rank_is_the_schedule(run):
-    out, stdout = run
+    out, stdout, _ = run
     schedule = example.schedule()
     for rank in range(WORLD):
         records = read_updates(out, rank)
@@ -89,7 +90,7 @@ def test_lr_of_every_update_on_every_rank_is_the_schedule(run):
 
 
 def test_every_sample_once_per_epoch_in_the_trainers_blocks(run):
-    out, _ = run
+    out, _, _ = run
     for epoch in range(3):
         seen = []
         for rank in range(WORLD):
@@ -101,7 +102,7 @@ def test_every_sample_once_per_epoch_in_the_trainers_blocks(run):
 
 
 def test_parameters_equal_one_process_over_the_same_micro_batches(run):
-    out, _ = run
+    out, _, _ = run
     expected = reference(TOTAL_UPDATES)
     for update, path in ((3, out / "params_update3.pt"), (TOTAL_UPDATES, out / "params_final.pt")):
         got = parameters(path)
@@ -111,7 +112,7 @@ def test_parameters_equal_one_process_over_the_same_micro_batches(run):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Resume and mistakes, in a user's loop (run under torchrun by test_resume_and_mistakes)
+# Resume and mistakes, in a user's loop (run under torchrun by the `run` fixture)
 
 MISTAKES = {
     "mean_loss": "loss_unchecked",  # a per-micro-batch mean, accumulated over 2 micro-batches: 2x the gradient
@@ -188,10 +189,9 @@ def _run_resume_and_mistakes(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def test_resume_and_mistakes(tmp_path):
-    torchrun(["--scenarios", str(tmp_path)], tmp_path, Path(__file__))
+def test_resume_and_mistakes(run):
     for rank in range(WORLD):
-        results = json.loads((tmp_path / f"results_rank{rank}.json").read_text())
+        results = json.loads((run[2] / f"results_rank{rank}.json").read_text())
         resume = results["resume"]
         # Updates 6..11 of the uninterrupted loop (2 micro-batches each): same losses, same final parameters.
         assert resume["error"] is None and resume["updates"] == 6
@@ -206,5 +206,7 @@ def test_resume_and_mistakes(tmp_path):
                 assert r["updates"] == 0 and r["unchanged"], (name, r)
 
 
-if __name__ == "__main__":
-    _run_resume_and_mistakes(Path(sys.argv[sys.argv.index("--scenarios") + 1]))
+if __name__ == "__main__":  # --scenarios DIR, then the example's own arguments (it makes its own process group)
+    flag = sys.argv.index("--scenarios")
+    _run_resume_and_mistakes(Path(sys.argv[flag + 1]))
+    example.main(sys.argv[1:flag] + sys.argv[flag + 2:])
