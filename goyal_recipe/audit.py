@@ -358,7 +358,11 @@ def _bn_findings(model, bn_group_size, n, fresh_start, goyal) -> list[Finding]:
 
 
 def _zero_gamma_missing(model: nn.Module) -> list[str]:
-    """Names of last-in-block BN layers that `zero_init_last_bn` would zero but whose gamma is not zero."""
+    """Names of last-in-block BN layers that `zero_init_last_bn` would zero but whose gamma is not zero.
+
+    The core's rule is applied to a copy of the model (once per audit, on the model's device), so the
+    check follows whatever blocks `zero_init_last_bn` knows.
+    """
     from .bn import zero_init_last_bn  # the core's own rule for which BN is last in a block
 
     try:
