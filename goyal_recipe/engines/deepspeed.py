@@ -29,6 +29,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups as ds_groups
 
 from ..config import ConfigError, RecipeConfig, plan_batches
+from ..integrations.deepspeed import ds_config as recipe_ds_config
 from ..noise_scale import grad_sq_norm
 from ..checkpoint import CheckpointError
 from .base import Engine, TrainingDiverged, check_elastic_restart
@@ -45,18 +46,8 @@ def ds_config(cfg: RecipeConfig, world_size: int) -> dict:
     A user file (`deepspeed.config_file`) adds fields; one that contradicts the recipe is an error.
     """
     plan = plan_batches(cfg, world_size)
-    config = {
-        "train_batch_size": plan.global_batch_size,
-        "train_micro_batch_size_per_gpu": plan.per_device_batch_size,
-        "gradient_accumulation_steps": plan.accumulation_steps,
-        "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        # torch.optim.SGD is not on ZeRO's list of tested optimizers. ZeRO-1 only shards its state
-        # (one momentum buffer) and calls its step() on each shard, which is exact for SGD.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
+    config = recipe_ds_config(plan.global_batch_size, plan.per_device_batch_size, world_size,
+                              zero_stage=cfg.deepspeed.zero_stage, grad_clip_norm=cfg.optim.grad_clip_norm)
     if not cfg.deepspeed.config_file:
         return config
     path = Path(cfg.deepspeed.config_file)

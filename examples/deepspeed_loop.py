@@ -1,0 +1,115 @@
+"""The recipe in a DeepSpeed loop: 2 CPU processes, kn = 32 as 8 per process x 2 processes x 2 accumulation steps.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 examples/deepspeed_loop.py
+
+On GPUs drop DS_ACCELERATOR and set --num_gpus. The data is generated in memory; the model is a
+narrow timm ResNet-10 with zero-gamma and ghost BN over groups of 4 (the paper's n = 32, scaled down).
+What the recipe changes in DeepSpeed's defaults: no gradient clipping (DeepSpeed clips at 1.0), no
+division of the kn-normalised loss by the accumulation steps (`scale_wrt_gas=False`), the recipe's
+SGD as a client optimizer (`zero_allow_untested_optimizer`, exact for SGD under ZeRO-1), GoyalLR
+instead of a ds_config scheduler, and one EpochShuffleSampler per rank instead of DeepSpeed's loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from goyal_recipe import EpochShuffleSampler, Schedule, build_optimizer, use_ghost_batchnorm, zero_init_last_bn
+from goyal_recipe.errors import UserError
+from goyal_recipe.integrations import deepspeed as goyal_ds
+
+
+def make_dataset(num_samples: int = 96, num_classes: int = 4, image_size: int = 16, seed: int = 0) -> TensorDataset:
+    """Random images whose class shifts the mean of one colour channel, with each sample's index."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_classes, (num_samples,), generator=generator)
+    images = torch.randn(num_samples, 3, image_size, image_size, generator=generator)
+    images[:, 0] += labels.float().view(-1, 1, 1) - num_classes / 2
+    return TensorDataset(images, labels, torch.arange(num_samples))
+
+
+def make_model(num_classes: int = 4, bn_group_size: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A narrow timm ResNet-10 with the paper's zero-gamma init and BN statistics over groups of `bn_group_size`."""
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet10t", num_classes=num_classes, channels=(8, 16, 32, 64), stem_width=8)
+    zero_init_last_bn(model)
+    use_ghost_batchnorm(model, group_size=bn_group_size)
+    return model
+
+
+def make_schedule(global_batch_size: int, epochs: int) -> Schedule:
+    """Linear scaling from 0.1 per 16 samples, gradual warmup over the first epoch, x0.1 after 1.5 epochs."""
+    return Schedule(global_batch_size=global_batch_size, base_lr=0.1, base_batch_size=16, warmup_epochs=1,
+                    milestones=(1.5,), epochs=epochs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--global-batch-size", type=int, default=32)
+    parser.add_argument("--per-device-batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--zero-stage", type=int, default=0, choices=goyal_ds.ZERO_STAGES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-updates", type=int, help="stop after this many updates")
+    parser.add_argument("--record", type=Path, help="write each rank's LRs and sample indices, and the final weights")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    kn, n = args.global_batch_size, args.per_device_batch_size
+
+    deepspeed.init_distributed()
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    dataset = make_dataset(seed=args.seed)
+    accumulation_steps = kn // (n * world)
+    sampler = EpochShuffleSampler(len(dataset), world, rank, seed=args.seed, batch_size=n,
+                                  accumulation_steps=accumulation_steps)
+    loader = DataLoader(dataset, batch_size=n, sampler=sampler)
+    model = make_model(seed=args.seed)
+    engine, _, scheduler = goyal_ds.initialize(
+        model, build_optimizer(model, "sgd", nesterov=True, weight_decay=1e-4),  # no decay on BN
+        schedule=make_schedule(kn, args.epochs), updates_per_epoch=len(dataset) // kn, per_device_batch_size=n,
+        zero_stage=args.zero_stage, sampler=sampler, bn_group_size=4)
+
+    lrs, updates, indices = [], [], []
+    for epoch in range(args.epochs):
+        if len(lrs) == args.max_updates:
+            break
+        sampler.set_epoch(epoch)
+        for images, labels, index in loader:
+            goyal_ds.backward(engine, F.cross_entropy(engine(images), labels, reduction="none"))
+            indices += index.tolist()
+            last = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            if last:  # GoyalLR set the LR of this update just before it
+                lrs.append(scheduler.get_last_lr()[0])
+                updates.append(indices)
+                indices = []
+                if len(lrs) == args.max_updates:
+                    break
+        if rank == 0:
+            print(f"epoch {epoch}: {scheduler.updates_done} updates, lr {lrs[-1]:.4f}", flush=True)
+
+    if args.record:
+        args.record.mkdir(parents=True, exist_ok=True)
+        (args.record / f"rank{rank}.json").write_text(json.dumps({"world_size": world, "lr": lrs, "indices": updates}))
+        if rank == 0:
+            save_file({k: v.detach().contiguous() for k, v in engine.module.state_dict().items()},
+                      str(args.record / "model.safetensors"))
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:  # one line naming the cause and the fix
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,308 @@
+"""The recipe in a user's own DeepSpeed loop (goyal_recipe.integrations.deepspeed).
+
+One launch of this file under the `deepspeed` launcher (2 CPU processes, kn = 32 = 8 x 2 x 2
+accumulation steps) runs `examples/deepspeed_loop.py` on ZeRO-0 and ZeRO-1, then the mistakes a
+DeepSpeed user makes with the recipe; the tests read what each rank recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("deepspeed")
+
+from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer, global_batch_loss  # noqa: E402
+from goyal_recipe.errors import RecipeMismatch, UserError  # noqa: E402
+from goyal_recipe.integrations import deepspeed as goyal_ds  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KN, N, WORLD, STEPS = 32, 8, 2, 2
+EPOCHS, UPDATES_PER_EPOCH = 2, 3  # 96 samples / kn 32
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------
+# The worker: runs under `deepspeed --num_gpus 2`, one scenario after another in the same processes.
+
+
+def _user_loop(engine, loader, sampler, backward) -> None:
+    """A DeepSpeed user's loop for one update: forward, `backward`, engine.step() per micro-batch."""
+    sampler.set_epoch(0)
+    for images, labels, _ in loader:
+        backward(engine, F.cross_entropy(engine(images), labels, reduction="none"))
+        last = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        if last:
+            return
+
+
+def _mistake(name: str, out: Path, run) -> None:
+    """Run one mistaken loop; record the one-line refusal and how many updates ran before it."""
+    state = {"updates_done": None}
+    try:
+        run(state)
+        result = {"error": None}
+    except RecipeMismatch as e:
+        result = {"error": str(e)}
+    result["updates_done"] = state["updates_done"]
+    if torch.distributed.get_rank() == 0:
+        (out / f"{name}.json").write_text(json.dumps(result))
+
+
+def worker(out: Path) -> None:
+    import deepspeed
+
+    example = load_example("deepspeed_loop")
+    example.main(["--record", str(out / "zero0")])
+    # Weights are compared after 3 updates: float32 rounding differences grow by ~100x per 3 updates here.
+    example.main(["--record", str(out / "zero0_3"), "--max-updates", "3"])
+    example.main(["--record", str(out / "zero1_3"), "--max-updates", "3", "--zero-stage", "1"])
+
+    dataset = example.make_dataset()
+    rank = torch.distributed.get_rank()
+    sampler = EpochShuffleSampler(len(dataset), WORLD, rank, batch_size=N, accumulation_steps=STEPS)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=N, sampler=sampler)
+    schedule = example.make_schedule(KN, EPOCHS)
+    chain = {"train_batch_size": KN, "train_micro_batch_size_per_gpu": N}
+
+    def build(model):
+        return build_optimizer(model, "sgd", nesterov=True, weight_decay=1e-4)
+
+    def own_config_default_clipping(state):
+        # The user's own ds_config with the batch sizes and ZeRO stage only, and their own deepspeed.initialize:
+        # DeepSpeed clips at 1.0 by default.
+        model = example.make_model()
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build(model),
+                                               config={**chain, "zero_optimization": {"stage": 0}})
+        scheduler = goyal_ds.attach(engine, schedule, UPDATES_PER_EPOCH, sampler=sampler, bn_group_size=4)
+        state["updates_done"] = 0
+        _user_loop(engine, loader, sampler, goyal_ds.backward)
+        state["updates_done"] = scheduler.updates_done
+
+    def backward_divides_again(state):
+        # global_batch_loss (as in an accelerate loop) through engine.backward's default scale_wrt_gas=True.
+        model = example.make_model()
+        engine, _, scheduler = goyal_ds.initialize(model, build(model), schedule=schedule,
+                                                   updates_per_epoch=UPDATES_PER_EPOCH, per_device_batch_size=N,
+                                                   sampler=sampler, bn_group_size=4)
+        state["updates_done"] = 0
+        _user_loop(engine, loader, sampler,
+                   lambda engine, per_sample: engine.backward(global_batch_loss(per_sample, KN, WORLD)))
+        state["updates_done"] = scheduler.updates_done
+
+    def zero1_without_untested_flag(state):
+        model = example.make_model()
+        config = {**chain, "gradient_clipping": 0, "zero_optimization": {"stage": 1}}
+        goyal_ds.initialize(model, build(model), schedule=schedule, updates_per_epoch=UPDATES_PER_EPOCH,
+                            config=config, sampler=sampler)
+        state["updates_done"] = 0
+
+    def own_config_through_initialize(state):
+        model = example.make_model()
+        goyal_ds.initialize(model, build(model), schedule=schedule, updates_per_epoch=UPDATES_PER_EPOCH,
+                            config={**chain, "zero_optimization": {"stage": 0}}, sampler=sampler)
+        state["updates_done"] = 0
+
+    def deepspeed_alone_zero1(state):
+        # What the user meets without the adapter: DeepSpeed's own assertion, no reason given.
+        model = example.make_model()
+        try:
+            deepspeed.initialize(model=model, optimizer=build(model),
+                                 config={**chain, "gradient_clipping": 0, "zero_optimization": {"stage": 1}})
+        except AssertionError as e:
+            raise RecipeMismatch(f"deepspeed: {e}") from None
+
+    for name, run in [("default_clipping", own_config_default_clipping),
+                      ("backward_divides_again", backward_divides_again),
+                      ("zero1_untested", zero1_without_untested_flag),
+                      ("default_clipping_initialize", own_config_through_initialize),
+                      ("deepspeed_alone_zero1", deepspeed_alone_zero1)]:
+        _mistake(name, out, run)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tests
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ds_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_integration")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(Path(__file__).resolve()), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _ranks(run_dir: Path) -> list[dict]:
+    return [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+
+
+def _reference_updates() -> list[list[list[int]]]:
+    """Each update's micro-batches of N indices: consecutive blocks of one permutation per epoch."""
+    sampler = EpochShuffleSampler(96, 1, 0, batch_size=N, accumulation_steps=STEPS * WORLD)
+    updates = []
+    for epoch in range(EPOCHS):
+        order = sampler.rank_indices(epoch).tolist()
+        for u in range(UPDATES_PER_EPOCH):
+            update = order[u * KN:(u + 1) * KN]
+            updates.append([update[b * N:(b + 1) * N] for b in range(KN // N)])
+    return updates
+
+
+def _reference_parameters(example, updates: int) -> dict[str, torch.Tensor]:
+    """1 process, the same micro-batches in turn, the recipe's optimizer and GoyalLR: the paper's update."""
+    dataset = example.make_dataset()
+    model = example.make_model()
+    model.train()
+    optimizer = build_optimizer(model, "sgd", nesterov=True, weight_decay=1e-4)
+    scheduler = GoyalLR(optimizer, example.make_schedule(KN, EPOCHS), UPDATES_PER_EPOCH)
+    for micro_batches in _reference_updates()[:updates]:
+        for block in micro_batches:
+            images, labels, _ = dataset[block]
+            global_batch_loss(F.cross_entropy(model(images), labels, reduction="none"), KN).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("run,updates", [("zero0", EPOCHS * UPDATES_PER_EPOCH), ("zero1_3", 3)])
+def test_example_lr_and_data_on_every_rank(ds_runs, run, updates):
+    example = load_example("deepspeed_loop")
+    schedule = example.make_schedule(KN, EPOCHS)
+    expected_lr = [schedule.lr(t / UPDATES_PER_EPOCH) for t in range(updates)]
+    ranks = _ranks(ds_runs / run)
+    for record in ranks:
+        assert record["world_size"] == WORLD
+        assert record["lr"] == pytest.approx(expected_lr, rel=1e-12)
+    reference = _reference_updates()[:updates]
+    for t, micro_batches in enumerate(reference):
+        # The update's samples are exactly the reference's, split between the ranks.
+        used = ranks[0]["indices"][t] + ranks[1]["indices"][t]
+        assert sorted(used) == sorted(i for block in micro_batches for i in block), t
+    for epoch in range(updates // UPDATES_PER_EPOCH):
+        seen = [i for r in ranks for t in range(epoch * UPDATES_PER_EPOCH, (epoch + 1) * UPDATES_PER_EPOCH)
+                for i in r["indices"][t]]
+        assert sorted(seen) == list(range(96))  # each sample once per epoch
+
+
+@pytest.mark.parametrize("run", ["zero0_3", "zero1_3"])
+def test_example_parameters_equal_one_process_reference(ds_runs, run):
+    from safetensors.torch import load_file
+
+    trained = load_file(ds_runs / run / "model.safetensors")
+    reference = _reference_parameters(load_example("deepspeed_loop"), updates=3)
+    initial = dict(load_example("deepspeed_loop").make_model().named_parameters())
+    assert sum(not torch.equal(value, initial[name]) for name, value in reference.items()) > len(reference) // 2
+    assert set(reference) <= set(trained)
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("default_clipping", "grad_clipping: the DeepSpeed engine clips gradients at norm 1 (DeepSpeed's default when "
+                         "ds_config has no gradient_clipping is 1) but the recipe does not clip (nor does the paper); "
+                         "set \"gradient_clipping\": 0 in ds_config"),
+    ("backward_divides_again", "loss_divided_twice: each sample's gradient carries 0.5 x 1/kn instead of 1/kn"),
+    ("zero1_untested", "deepspeed_untested_optimizer: ZeRO-1 stops on SGD unless ds_config sets "
+                       "\"zero_allow_untested_optimizer\": true; set it: ZeRO-1 only shards"),
+    ("default_clipping_initialize", "grad_clipping: ds_config has no gradient_clipping, so DeepSpeed clips at its "
+                                    "default 1 but the recipe does not clip"),
+    ("deepspeed_alone_zero1", "deepspeed: You are using an untested ZeRO Optimizer"),
+])
+def test_mistakes_stop_before_the_first_update(ds_runs, name, message):
+    result = json.loads((ds_runs / f"{name}.json").read_text())
+    assert result["error"] is not None and result["error"].startswith(message), result["error"]
+    assert "\n" not in result["error"]
+    assert result["updates_done"] in (None, 0)  # refused before any parameter moved
+
+
+# ---------------------------------------------------------------------------------------------------
+# ds_config and the check of a user's own config (no processes needed)
+
+
+def test_ds_config_from_the_recipe():
+    config = goyal_ds.ds_config(8192, 256, world_size=8, zero_stage=1)
+    assert {k: config[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                   "gradient_accumulation_steps", "gradient_clipping")} == {
+        "train_batch_size": 8192, "train_micro_batch_size_per_gpu": 256, "gradient_accumulation_steps": 4,
+        "gradient_clipping": 0.0}
+    assert config["zero_optimization"] == {"stage": 1} and config["zero_allow_untested_optimizer"] is True
+    assert goyal_ds.ds_config(8192, 256, world_size=8, grad_clip_norm=2.0)["gradient_clipping"] == 2.0
+    assert goyal_ds.ds_config(32, 8, 2, communication_data_type="fp32",
+                              zero_optimization={"reduce_bucket_size": 5e7})["zero_optimization"] == {
+        "reduce_bucket_size": 5e7, "stage": 0}
+    assert goyal_ds.check_ds_config(config, global_batch_size=8192, world_size=8,
+                                    optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)) == []
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(global_batch_size=100, per_device_batch_size=8, world_size=2), "not a positive multiple of"),
+    (dict(global_batch_size=32, per_device_batch_size=8, world_size=2, zero_stage=3), "ZeRO-0 or ZeRO-1"),
+    (dict(global_batch_size=32, per_device_batch_size=8, world_size=2, optimizer={"type": "SGD"}),
+     "deepspeed_optimizer: ds_config sets 'optimizer'"),
+    (dict(global_batch_size=32, per_device_batch_size=8, world_size=2, gradient_clipping=1.0),
+     "ds_config got gradient_clipping=1.0 but the recipe gives 0.0"),
+])
+def test_ds_config_refuses(kwargs, error):
+    with pytest.raises(UserError, match=error):
+        goyal_ds.ds_config(**kwargs)
+
+
+@pytest.mark.parametrize("config,codes", [
+    ({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0}, []),
+    ({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8}, ["grad_clipping"]),
+    ({"train_batch_size": 32, "gradient_clipping": 0.5}, ["grad_clipping"]),
+    ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4, "gradient_clipping": 0},
+     ["deepspeed_batch_chain"]),  # 8 x 2 x 4 = 64, not kn = 32
+    ({"train_batch_size": 32, "gradient_clipping": 0, "scheduler": {"type": "WarmupLR"}}, ["deepspeed_scheduler"]),
+    ({"train_batch_size": 32, "gradient_clipping": 0, "zero_optimization": {"stage": 1}},
+     ["deepspeed_untested_optimizer"]),
+    ({"train_batch_size": 32, "gradient_clipping": 0, "zero_optimization": {"stage": 1},
+      "zero_allow_untested_optimizer": True}, []),
+])
+def test_check_of_a_users_ds_config(config, codes):
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    findings = goyal_ds.check_ds_config(config, global_batch_size=32, world_size=2, optimizer=sgd)
+    assert [f.code for f in findings] == codes
+    assert all("\n" not in str(f) for f in findings)
+
+
+def test_trainer_engine_uses_the_same_ds_config():
+    from goyal_recipe.config import load_config
+    from goyal_recipe.engines.deepspeed import ds_config
+
+    cfg = load_config("recipes/resnet50_kn8k.yaml", ["engine=deepspeed", "deepspeed.zero_stage=1"])
+    assert ds_config(cfg, world_size=8) == goyal_ds.ds_config(8192, 256, world_size=8, zero_stage=1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--local_rank", type=int)
+    worker(parser.parse_args().out)
