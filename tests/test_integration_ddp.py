@@ -111,6 +111,42 @@ def test_parameters_equal_one_process_over_the_same_micro_batches(run):
             torch.testing.assert_close(value, expected[update][name], rtol=1e-12, atol=1e-13)
 
 
+def one_process_recipe(**overrides):
+    from goyal_recipe.integrations.ddp import DDPRecipe
+
+    return DDPRecipe(example.schedule(), **{"num_samples": example.NUM_SAMPLES, "per_device_batch_size": 8,
+                                            **overrides})
+
+
+def test_recipe_derives_accumulation_and_refuses_a_broken_batch_chain():
+    from goyal_recipe.errors import UserError
+
+    recipe = one_process_recipe()  # no process group: one process, kn = 32 = 8 x 4 micro-batches
+    assert (recipe.world_size, recipe.accumulation_steps, recipe.updates_per_epoch) == (1, 4, 4)
+    with pytest.raises(UserError, match=r"^kn = 32 is not a whole number of micro-batches of 12 on 1 processes"):
+        one_process_recipe(per_device_batch_size=12)
+    with pytest.raises(UserError, match=r"^16 samples do not fill one update of kn = 32"):
+        one_process_recipe(num_samples=16)
+
+
+def test_recipe_state_puts_the_data_where_the_lr_is():
+    from goyal_recipe.errors import UserError
+
+    recipe = one_process_recipe()
+    optimizer = build_optimizer(example.model())
+    recipe.make_scheduler(optimizer)
+    recipe.load_state_dict({"global_batch_size": 32, "updates_per_epoch": 4, "seed": 0,
+                            "scheduler": {"updates_done": 6, "updates_per_epoch": 4, "last_epoch": 6}})
+    assert recipe.position() == (1, 64) and (recipe.sampler.epoch, recipe.sampler.start) == (1, 64)
+    recipe.sampler.set_epoch(1)  # a framework setting the epoch again keeps the resumed offset...
+    assert list(recipe.sampler) == recipe.sampler.rank_indices(1)[64:].tolist()
+    recipe.sampler.set_epoch(1)  # ... until the resumed epoch has been read
+    assert recipe.sampler.start == 0
+    assert list(recipe.epochs()) == [1, 2]
+    with pytest.raises(UserError, match=r"^the checkpoint has global_batch_size = 64 but this run has 32"):
+        recipe.load_state_dict({**recipe.state_dict(), "global_batch_size": 64})
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resume and mistakes, in a user's loop (run under torchrun by the `run` fixture)
 
