@@ -88,7 +88,7 @@ class Progress:
         return {**{key: getattr(self, key) for key in self.SHARED}, "epoch": self.epoch,
                 "epoch_samples_done": self.epoch_samples_done, "updates_per_epoch": self.updates_per_epoch,
                 "global_batch_size": self.global_batch_size,
-                "epoch_sums": self.epoch_sums.cpu(), "window_sums": self.window_sums.cpu()}
+                "epoch_sums": self.epoch_sums.cpu().clone(), "window_sums": self.window_sums.cpu().clone()}
 
     def load_state_dict(self, state: dict, sums: bool = True) -> None:
         """Restore the position (checked against this run's plan) and, with `sums`, this rank's running sums."""
