@@ -173,8 +173,12 @@ def audit(*, model: nn.Module | None = None, optimizer=None, scheduler=None, sam
 
     if optimizer is not None and inner_model is not None:
         findings += _weight_decay_findings(inner_model, optimizer, bias_weight_decay)
-    findings += _schedule_findings(schedule, scheduler, goyal, optimizer, kn, real_kn, world_size, n,
-                                   accumulation_steps)
+    if global_batch_size is not None and real_kn is not None and global_batch_size != real_kn:
+        findings.append(Finding(
+            "batch_mismatch",
+            f"kn = {global_batch_size} but each update takes world {world_size} x micro-batch {n} x accumulation "
+            f"{accumulation_steps} = {real_kn} samples; make the three multiply to kn", True))
+    findings += _schedule_findings(schedule, scheduler, goyal, optimizer, real_kn, world_size, n, accumulation_steps)
     findings += _data_findings(sampler, parts, world_size, kn, accumulation_steps, n, goyal, loader, fix_loader)
     if inner_model is not None:
         findings += _bn_findings(inner_model, bn_group_size, n, fresh_start, goyal)
@@ -222,7 +226,7 @@ def _weight_decay_findings(model, optimizer, bias_weight_decay) -> list[Finding]
     return findings
 
 
-def _schedule_findings(schedule, scheduler, goyal, optimizer, kn, real_kn, world_size, n, accumulation) -> list[Finding]:
+def _schedule_findings(schedule, scheduler, goyal, optimizer, real_kn, world_size, n, accumulation) -> list[Finding]:
     findings = []
     if schedule is None:
         if optimizer is not None or scheduler is not None:
@@ -232,11 +236,6 @@ def _schedule_findings(schedule, scheduler, goyal, optimizer, kn, real_kn, world
                 f"{what}: the peak LR, warmup and decay cannot be checked against the recipe; use "
                 "GoyalLR(optimizer, Schedule(global_batch_size=kn), updates_per_epoch)", False))
         return findings
-    if kn is not None and real_kn is not None and kn != real_kn:
-        findings.append(Finding(
-            "batch_mismatch",
-            f"kn = {kn} but each update takes world {world_size} x micro-batch {n} x accumulation {accumulation} = "
-            f"{real_kn} samples; make the three multiply to kn", True))
     if real_kn is not None and schedule.global_batch_size != real_kn:
         right = scaled_lr(schedule.base_lr, real_kn, schedule.base_batch_size, schedule.scaling)
         findings.append(Finding(
