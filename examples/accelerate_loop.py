@@ -10,6 +10,7 @@ update 3 and at the end; `--checkpoint-at U --checkpoint DIR` saves the state af
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from goyal_recipe import Schedule, build_optimizer
 from goyal_recipe.integrations.accelerate import AccelerateRecipe
 
 NUM_SAMPLES, FEATURES, CLASSES = 128, 6, 3
-GLOBAL_BATCH_SIZE, PER_DEVICE_BATCH_SIZE = 32, 8  # kn and n; accumulation = 32 / (8 x 2 processes) = 2
+GLOBAL_BATCH_SIZE, PER_DEVICE_BATCH_SIZE = 32, 8  # kn and n
 
 
 def dataset(dtype=torch.float32) -> TensorDataset:
@@ -57,8 +58,10 @@ def main(argv=None) -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
 
+    # A = kn / (n x processes): 2 with 2 processes (4 in a single process).
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     # Per-worker BN statistics (the paper): DDP must not copy rank 0's BN buffers at each forward.
-    accelerator = Accelerator(gradient_accumulation_steps=2,
+    accelerator = Accelerator(gradient_accumulation_steps=GLOBAL_BATCH_SIZE // (PER_DEVICE_BATCH_SIZE * processes),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     data = dataset(dtype)
     recipe = AccelerateRecipe(accelerator, schedule(), num_samples=len(data),

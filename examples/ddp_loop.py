@@ -22,7 +22,7 @@ from goyal_recipe import Schedule, build_optimizer
 from goyal_recipe.integrations.ddp import DDPRecipe
 
 NUM_SAMPLES, FEATURES, CLASSES = 128, 6, 3
-GLOBAL_BATCH_SIZE, PER_DEVICE_BATCH_SIZE = 32, 8  # kn and n; accumulation = 32 / (8 x 2 processes) = 2
+GLOBAL_BATCH_SIZE, PER_DEVICE_BATCH_SIZE = 32, 8  # kn and n; accumulation = kn / (n x processes), 2 on 2
 
 
 def dataset(dtype=torch.float32) -> TensorDataset:
