@@ -422,16 +422,21 @@ def test_uint8_batches_equal_the_float_path(salted, decode, augment):
 def test_the_stage_applies_the_lighting_the_workers_drew(salted):
     data = _data(salted, "data.workers=2", "data.bad_images=skip", "data.pca_lighting=0.1")
     data.train_sampler.set_epoch(0)
-    batch = next(iter(data.train_loader.loader))  # as the workers hand it on, before the stage
+    loader, stage = data.train_loader.loader, data.train_loader.stage
+    assert stage.in_workers  # a CPU device: the workers finish each batch as they collate it
+    # the rows as the workers place them, collated without finishing (rows are seeded per sample)
+    batch = next(iter(torch.utils.data.DataLoader(loader.dataset, batch_size=11, sampler=loader.sampler)))
     placed, *columns = batch
     assert placed.pixels.dtype == torch.uint8 and placed.pixels.shape == (11, 3, 16, 16)
     assert placed.lighting_alpha.dtype == torch.float32 and placed.lighting_alpha.shape == (11, 3)
     assert bool((placed.lighting_alpha != 0).all())
     rng = torch.get_rng_state()
-    images, *rest = data.train_loader.stage(batch)
+    images, *rest = stage.finish(batch)
     assert torch.equal(torch.get_rng_state(), rng)  # nothing is drawn in the stage
     assert all(torch.equal(a, b) for a, b in zip(rest, columns))
-    transform = data.train_loader.stage.transform
+    finished, *_ = next(iter(data.train_loader))
+    assert torch.equal(finished, images)  # what the workers hand on
+    transform = stage.transform
     assert not torch.equal(images, transform.finish(placed.pixels, torch.zeros(11, 3)))  # the draws do count
     one_by_one = [transform.finish(x[None], alpha[None])[0] for x, alpha in zip(*placed)]
     assert torch.equal(images, torch.stack(one_by_one))

@@ -5,6 +5,9 @@ uint8 batches with each sample's PCA lighting draw (`Placed`; pinned when the de
 quarter of the bytes of float images through the loader's shared memory. As the training loop takes
 a batch, `FinishStage` copies it to the device and runs `DecodeTransform.finish` there (float, the
 lighting with the draws carried from the worker, normalisation), as timm's PrefetchLoader does.
+When the device is the CPU there is nothing to gain from finishing in the main process, which also
+computes the training step: the workers finish each batch as they collate it (`FinishStage.collate`,
+the same arithmetic on the same CPU, so the same floats) and the stage passes it on.
 
 data.decode=gpu: JPEGs decoded in batches on the training device instead of in the loader workers.
 Workers read each file's bytes and its header and draw the sample's plan exactly as the cpu path
@@ -144,14 +147,26 @@ def collate_encoded(rows: list) -> list:
 
 
 class FinishStage:
-    """Main-process stage of data.decode=cpu: [Placed batch, *columns] -> [images on `device`, *columns]."""
+    """Main-process stage of data.decode=cpu: [Placed batch, *columns] -> [images on `device`, *columns].
 
-    def __init__(self, transform: DecodeTransform, device: torch.device | str):
-        self.transform, self.device = transform, torch.device(device)
+    With `in_workers` (a CPU device) the loader's workers finish each batch themselves through `collate`,
+    and the stage passes their batches on unchanged."""
+
+    def __init__(self, transform: DecodeTransform, device: torch.device | str, in_workers: bool = False):
+        self.transform, self.device, self.in_workers = transform, torch.device(device), in_workers
 
     def __call__(self, batch: list) -> list:
+        if self.in_workers:
+            return batch
+        return self.finish(batch)
+
+    def finish(self, batch: list) -> list:
         (pixels, lighting_alpha), *columns = batch
         return [self.transform.finish(pixels.to(self.device, non_blocking=True), lighting_alpha), *columns]
+
+    def collate(self, rows: list) -> list:
+        """The loader's collate_fn with `in_workers`: rows of (Placed, *columns) -> the finished batch."""
+        return self.finish(default_collate(rows))
 
 
 class DecodeStage:
@@ -246,11 +261,14 @@ def _with_worker_transform(rows: Dataset, wrap: Callable) -> Dataset:
 def build_placed_loader(rows: Dataset, sampler: Iterable, batch_size: int, num_workers: int,
                         device: torch.device | str, drop_last: bool = False, worker_seed: int = 0) -> StagedLoader:
     """The loader of decode=cpu over `rows`, whose source's transform is a `DecodeTransform`: uint8
-    batches from the workers (pinned for CUDA), finished on `device` as they are taken."""
+    batches from the workers (pinned for CUDA), finished on `device` as they are taken; for a CPU
+    device, finished by the workers."""
     transform, device = _decode_transform(rows), torch.device(device)
+    stage = FinishStage(transform, device, in_workers=device.type == "cpu")
     loader = build_loader(_with_worker_transform(rows, PlacedOutput), sampler, batch_size, num_workers,
-                          pin_memory=device.type == "cuda", drop_last=drop_last, worker_seed=worker_seed)
-    return StagedLoader(loader, FinishStage(transform, device))
+                          pin_memory=device.type == "cuda", drop_last=drop_last, worker_seed=worker_seed,
+                          collate_fn=stage.collate if stage.in_workers else None)
+    return StagedLoader(loader, stage)
 
 
 def build_device_loader(rows: Dataset, sampler: Iterable, batch_size: int, num_workers: int,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration,
+                               is_compiled_module)
 from safetensors.torch import save_file
 
 from ..checkpoint import fit, model_state, read_tensors, read_torch
@@ -68,6 +69,11 @@ class AccelerateEngine(Engine):
         return self.accelerator.prepare(model, optimizer)
 
     def unwrap(self, model):
+        # accelerate's unwrap_model imports DeepSpeed, when installed, to look for its engine: seconds at
+        # start-up. A model no wrapper holds (one process, not compiled) is returned as it would return it.
+        wrapped = isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
+        if not (wrapped or is_compiled_module(model) or "_orig_mod" in model.__dict__):
+            return model
         return self.accelerator.unwrap_model(model)
 
     def micro_batch(self, model, last: bool):
