@@ -28,11 +28,13 @@ from goyal_recipe.integrations.transformers import GoyalTrainer
 class GeneratedImages(torch.utils.data.Dataset):
     """Random images whose class shifts the mean of one colour channel; records which indices were read."""
 
-    def __init__(self, num_samples: int = 96, num_classes: int = 4, image_size: int = 16, seed: int = 0):
+    def __init__(self, num_samples: int = 96, num_classes: int = 4, image_size: int = 16, seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
         generator = torch.Generator().manual_seed(seed)
         self.labels = torch.randint(num_classes, (num_samples,), generator=generator)
         self.images = torch.randn(num_samples, 3, image_size, image_size, generator=generator)
         self.images[:, 0] += self.labels.float().view(-1, 1, 1) - num_classes / 2
+        self.images = self.images.to(dtype)
         self.read: list[int] = []
 
     def __len__(self) -> int:

@@ -136,7 +136,9 @@ class GoyalTrainer(Trainer):
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0] if isinstance(outputs, tuple) \
             else outputs
-        per_sample = F.cross_entropy(logits.float(), labels, reduction="none",
+        # The loss in at least float32 (bf16/fp16 logits under autocast), in float64 for a float64 model.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        per_sample = F.cross_entropy(logits, labels, reduction="none",
                                      label_smoothing=self.args.label_smoothing_factor)
         if model.training:
             loss = global_batch_loss(per_sample, self.global_batch_size, self.args.world_size)
