@@ -19,11 +19,13 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 FORMATS = ("jpeg", "parquet")
 SPLITS = (("train", "train"), ("val", "validation"))  # (folder name, parquet / HF split name)
@@ -167,6 +169,8 @@ def _ordered_map(fn, args_list, workers):
 
 
 def _hf_schema(classes: list[str]) -> pa.Schema:
+    import pyarrow as pa  # here, not at import: training on image folders never needs it
+
     # The "huggingface" metadata is how `datasets` restores Image() / ClassLabel features from parquet.
     features = {
         "image": {"_type": "Image"},
@@ -195,6 +199,8 @@ class _ShardWriter:
         if self.writer is None:
             name = f"{self.split}-{self.shard:05d}-of-{self.num_shards:05d}.parquet"
             self.files.append(name)
+            import pyarrow.parquet as pq
+
             self.writer = pq.ParquetWriter(self.directory / name, self.schema)
         self.pending.append((data, path, label))
         self.rows_in_shard += 1
@@ -208,6 +214,8 @@ class _ShardWriter:
         if self.pending:
             images = [{"bytes": b, "path": p} for b, p, _ in self.pending]
             labels = [lab for _, _, lab in self.pending]
+            import pyarrow as pa
+
             self.writer.write_table(pa.Table.from_pydict({"image": images, "label": labels}, schema=self.schema))
             self.pending = []
 
