@@ -8,13 +8,19 @@ mean cross-entropy), each variant switches on one piece:
   ghost_bn     `use_ghost_batchnorm(model, --bn-group-size)` instead of BatchNorm2d over the batch
   global_loss  `global_batch_loss(F.cross_entropy(reduction="none"), kn)` instead of the mean
   all          the three together
+  noise_scale  the gradient noise scale as goyal-train measures it (`run.noise_scale`) on every
+               --noise-scale-every-th update: a hook per parameter recording the norm of each backward's
+               gradient, the squared norm of the reduced .grad, and the tracker's update (two float reads)
 
 Variants run interleaved; the overhead of a piece is the paired per-repeat difference to the
 baseline, in ms per update and in % of the baseline update. A whole update's repeat-to-repeat
 noise on a CPU is a few %, wider than ghost BN's cost, so ghost BN is also timed on its own
 (`ghost_bn_layers_<layout>`): forward and backward of every BN layer of the model, alone, on the
 inputs the layer sees in an update, GhostBatchNorm2d in each layout against BatchNorm2d,
-interleaved; the difference is expressed in % of the baseline update. The sampler piece is the index loop
+interleaved; the difference is expressed in % of the baseline update. The noise scale is likewise timed
+alone (`noise_scale_alone`): its per-parameter norms of one update's gradients, the norm of .grad and the
+tracker's update, in % of the baseline update: the cost of one measured update, and (`noise_scale_amortised`)
+that cost divided by --noise-scale-every. The sampler piece is the index loop
 the DataLoader runs per update (one `BatchSampler` batch), over one whole epoch of
 --num-samples, divided by its updates: `EpochShuffleSampler` as the trainer iterates it (through
 `EpochTaggedSampler`) against `torch.utils.data.RandomSampler`; the update's compute is the same
@@ -59,6 +65,8 @@ def parse(argv=None):
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on CPU, keep freed memory in the process as goyal-train does (run.keep_freed_cpu_memory)")
     p.add_argument("--iters", type=int, default=10, help="timed updates per repeat and variant")
+    p.add_argument("--noise-scale-every", type=int, default=4,
+                   help="measure the noise scale on every N-th update (run.noise_scale_every_updates)")
     p.add_argument("--num-samples", type=int, default=IMAGENET_TRAIN_IMAGES, help="epoch size for the sampler piece")
     return common.parse_args(p, QUICK, argv)
 
@@ -91,11 +99,55 @@ def model_copy(args, base_model, device, ghost_bn, layout=None):
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
-def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False, global_loss_=False):
+def noise_scale_measurement(model, kn, every=1):
+    """What TrainStep adds per update for the noise scale: hooks recording each backward's per-parameter
+    gradient norms (installed here), and `measure()` after the backward: their sum of squares, the reduced
+    gradient's squared norm and the tracker's update. One backward stands for the kn // 2 images of one
+    of two micro-batches: the cost per backward is the same whatever the split. With `every` > 1 only every
+    `every`-th call measures, as goyal-train does (the hooks of the others record nothing)."""
+    from goyal_recipe import GradientNoiseScale
+    from goyal_recipe.noise_scale import BackwardGradNorms, grad_sq_norm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms, tracker = BackwardGradNorms(params), GradientNoiseScale()
+    calls = iter(range(1, 2**62))
+
+    def measure():
+        if norms.active:
+            small, big = float(norms.take()), float(grad_sq_norm(params))
+            tracker.update(small, kn // 2, big, kn)
+        norms.active = next(calls) % every == 0  # for the next update's backward
+
+    return norms, measure
+
+
+def make_noise_scale_alone(args, base_model, device, batch):
+    """The noise scale's own work on one update's gradients, without the update: the norm the hook takes
+    of every parameter's gradient, then `measure()`."""
+    model = model_copy(args, base_model, device, ghost_bn=False)
+    images, labels = batch
+    with autocast(args, device):
+        logits = model(images)
+    F.cross_entropy(logits.float(), labels).backward()
+    norms, measure = noise_scale_measurement(model, args.batch_size)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+
+    def alone():
+        norms.active = True
+        for grad in grads:
+            norms._record(grad)
+        measure()
+
+    return alone
+
+
+def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False, global_loss_=False,
+                noise_scale=False):
     """One training update on its own copy of the model, with the chosen pieces switched on."""
     from goyal_recipe import GoyalLR, Schedule, build_optimizer
 
     model = model_copy(args, base_model, device, ghost_bn)
+    measure = noise_scale_measurement(model, args.batch_size, args.noise_scale_every)[1] if noise_scale else None
     optimizer = build_optimizer(model, "sgd", lr=0.1)
     scheduler = None
     if goyal_lr:
@@ -109,6 +161,8 @@ def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False,
         with autocast(args, device):
             logits = model(images)
         loss_fn(logits.float(), labels, kn).backward()
+        if measure is not None:
+            measure()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
@@ -194,8 +248,11 @@ def main(argv=None):
         "ghost_bn": make_update(args, base, device, batch, ghost_bn=True),
         "global_loss": make_update(args, base, device, batch, global_loss_=True),
         "all": make_update(args, base, device, batch, goyal_lr=True, ghost_bn=True, global_loss_=True),
+        "noise_scale": make_update(args, base, device, batch, noise_scale=True),
     }
     seconds = common.time_interleaved(updates, args.iters, args.warmup, args.repeats, device)
+    noise_s = common.time_interleaved({"noise_scale_alone": make_noise_scale_alone(args, base, device, batch)},
+                                      args.iters, args.warmup, args.repeats, device)["noise_scale_alone"]
     inputs = bn_layer_inputs(args, base, device, images)
     bn_layers = {"plain": make_bn_layers(args, base, device, inputs)}
     bn_layers.update({layout: make_bn_layers(args, base, device, inputs, layout) for layout in GHOST_LAYOUTS})
@@ -209,7 +266,7 @@ def main(argv=None):
     variants = {"baseline": {"step_ms": common.summary([1e3 * s for s in base_s])}}
     rows = [["baseline", common.spread(variants["baseline"]["step_ms"], "{:.2f}"), "-", "-"]]
     derived = {"overhead_ms": {}, "overhead_pct": {}}
-    for name in (*PIECES, "all"):
+    for name in (*PIECES, "all", "noise_scale"):
         diff = [v - b for v, b in zip(seconds[name], base_s)]
         v = {"step_ms": common.summary([1e3 * s for s in seconds[name]]),
              "overhead_ms": common.summary([1e3 * d for d in diff]),
@@ -233,6 +290,20 @@ def main(argv=None):
         rows.append([f"{name} ({len(inputs)} BN layers alone)",
                      f"{layers['ms']['median']:.2f} vs {variants['bn_layers_plain']['ms']['median']:.2f}",
                      common.spread(layers["overhead_ms"], "{:+.3f}"), common.spread(layers["overhead_pct"], "{:+.2f}")])
+    noise_alone = {"ms": common.summary([1e3 * s for s in noise_s]),
+                   "overhead_pct": common.summary([100 * s / step_median for s in noise_s])}
+    variants["noise_scale_alone"] = noise_alone
+    derived["overhead_ms"]["noise_scale_alone"] = noise_alone["ms"]["median"]
+    derived["overhead_pct"]["noise_scale_alone"] = noise_alone["overhead_pct"]["median"]
+    rows.append(["noise_scale_alone (one measurement, no update)", f"{noise_alone['ms']['median']:.3f}",
+                 common.spread(noise_alone["ms"], "{:+.3f}"), common.spread(noise_alone["overhead_pct"], "{:+.3f}")])
+    every = args.noise_scale_every
+    amortised = {key: common.summary([v / every for v in noise_alone[key]["values"]]) for key in ("ms", "overhead_pct")}
+    variants["noise_scale_amortised"] = amortised
+    derived["overhead_ms"]["noise_scale_amortised"] = amortised["ms"]["median"]
+    derived["overhead_pct"]["noise_scale_amortised"] = amortised["overhead_pct"]["median"]
+    rows.append([f"noise_scale_amortised (one measurement every {every} updates)", f"{amortised['ms']['median']:.3f}",
+                 common.spread(amortised["ms"], "{:+.3f}"), common.spread(amortised["overhead_pct"], "{:+.3f}")])
     for name, per_update in sampler_s.items():
         variants[f"sampler_{name}"] = {"ms_per_update": common.summary([1e3 * s for s in per_update])}
     diff = [e - r for e, r in zip(sampler_s["epoch_shuffle"], sampler_s["random"])]

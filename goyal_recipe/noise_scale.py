@@ -2,24 +2,26 @@
 arXiv 1812.06162), from gradients a data-parallel update already has.
 
 With G the true gradient and Sigma the per-sample gradient covariance, a gradient averaged over B
-samples has E|G_B|^2 = |G|^2 + tr(Sigma) / B (their eq. 2.2 and Appendix A.1). Two batch sizes give
+samples has E|G_B|^2 = |G|^2 + tr(Sigma) / B (their Appendix A.1). Two batch sizes give
 two equations: the gradient of one rank or one accumulation micro-batch before the all-reduce
 (B_small samples) and the update's gradient after it (B_big = kn). B_simple = tr(Sigma) / |G|^2
-(their eq. 2.8) approximates the critical batch: well below it, doubling kn nearly halves the updates
+(their simple noise scale) approximates the critical batch: well below it, doubling kn nearly halves the updates
 needed; well above it, a larger kn buys little.
 
-Any loop, in a few lines (a gradient of `micro_batch_size` samples per backward, before the all-reduce):
+Any loop whose update is the mean gradient over kn = n x W x A images (A micro-batches of n images on
+each of W ranks), in a few lines:
 
     noise = GradientNoiseScale()
-    norms = BackwardGradNorms(model.parameters())       # squared norm of what each backward adds
-    ...                                                 # backward of every micro-batch
-    small = norms.take() / pairs * (kn / (micro_batch_size * loss_scale)) ** 2   # mean over (rank, micro-batch)
-    noise.update(small, micro_batch_size, grad_sq_norm(model.parameters()), kn)
-    noise.b_simple
+    norms = BackwardGradNorms(model.parameters())     # hooks on the parameters, before or after DDP wraps them
+    for images, labels in micro_batches:              # the A micro-batches of this update
+        (loss_fn(model(images), labels) * c).backward()   # c: what the loop multiplies a micro-batch mean by
+    small = all_reduce_sum(norms.take()) / (c ** 2 * W * A)   # mean |G_n|^2 over the (rank, micro-batch) pairs
+    noise.update(small, n, grad_sq_norm(model.parameters()), kn)   # .grad after the all-reduce: |G_kn|^2
+    optimizer.step(); optimizer.zero_grad()
+    print(noise.b_simple)
 
-where `loss_scale` is what each micro-batch's loss was multiplied by relative to its own mean
-(micro_batch_size * world_size / kn under `global_batch_loss`), `pairs` = world size x accumulation
-steps, and `norms.take()` is summed over ranks first (one scalar all-reduce). Core module: torch only.
+(c = 1 / A for the usual `loss / accumulation_steps`; c = n W / kn under `global_batch_loss`; W x A must
+be at least 2.) Core module: torch only.
 """
 
 from __future__ import annotations
@@ -138,10 +140,13 @@ class BackwardGradNorms:
 
     def __init__(self, params: Iterable[torch.nn.Parameter]):
         self._norms: list[torch.Tensor] = []
+        self.active = True
+        """False: the hooks record nothing (updates not measured cost one Python call per parameter)."""
         self._handles = [p.register_hook(self._record) for p in params if p.requires_grad]
 
     def _record(self, grad: torch.Tensor) -> None:
-        self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+        if self.active:
+            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
 
     def take(self) -> torch.Tensor:
         """Sum over the backward passes since the last call of their squared gradient norm (0-dim tensor)."""

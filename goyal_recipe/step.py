@@ -27,7 +27,8 @@ def build_training(cfg: RecipeConfig, engine, plan: BatchPlan, num_classes: int,
     if o.optimizer in LAYERWISE and cfg.engine == "deepspeed" and cfg.deepspeed.zero_stage > 0:
         # ZeRO-1 steps the optimizer on flat shards that cut across layers: no per-layer norm to trust.
         raise ConfigError(f"optim.optimizer={o.optimizer} needs each layer's whole weight and gradient norm, but "
-                          "DeepSpeed ZeRO-1 steps the optimizer on flat shards across layers; set deepspeed.zero_stage=0")
+                          "DeepSpeed ZeRO-1 steps the optimizer on flat shards across layers; "
+                          "set deepspeed.zero_stage=0")
     # On its device before the optimizer is built: the optimizer picks its fused or foreach path from it.
     model = build_model(cfg.model, num_classes, plan, engine.world_size).to(engine.device)
     optimizer = build_optimizer(model, o.optimizer, lr=o.base_lr, momentum=o.momentum, nesterov=o.nesterov,
@@ -66,8 +67,8 @@ class NoiseScaleMeter:
     before any all-reduce; the big batch is the update's gradient over kn images after it. The same images
     give the same estimate whatever the split into ranks and micro-batches."""
 
-    def __init__(self, engine, plan: BatchPlan, model, ema_decay: float):
-        self.engine, self.model = engine, model
+    def __init__(self, engine, plan: BatchPlan, model, ema_decay: float, every_updates: int = 1):
+        self.engine, self.model, self.every_updates = engine, model, every_updates
         self.micro_batch_size, self.global_batch_size = plan.per_device_batch_size, plan.global_batch_size
         self.pairs = plan.world_size * plan.accumulation_steps
         self.params = [p for p in engine.unwrap(model).parameters() if p.requires_grad]
@@ -109,12 +110,13 @@ class NoiseScaleMeter:
         if b_simple is None:  # single estimates can be negative; so can short averages
             return (f"noise scale: not resolved yet (averaged |G|^2 = {self.tracker.grad_sq:.3g}, tr(Sigma) = "
                     f"{self.tracker.trace_sigma:.3g}: too few updates to average out their noise); kn = {kn}")
-        # McCandlish et al. eq. (2.11): updates to a given loss S = S_min (1 + B_noise / B), B_simple for B_noise.
+        # McCandlish et al.: updates to a given loss S = S_min (1 + B_noise / B), with B_simple for B_noise.
         ratio = kn / b_simple
         doubled = (1 + b_simple / (2 * kn)) / (1 + b_simple / kn)
         side = "below" if ratio < 1 else "past"
         return (f"noise scale: B_simple = {b_simple:.4g} images; kn = {kn} is {ratio:.3g}x B_simple ({side} it): "
-                f"doubling kn would need {doubled:.2f}x the updates (S = S_min (1 + B/kn), McCandlish et al. eq. 2.11)")
+                f"doubling kn would need {doubled:.2f}x the updates (S = S_min (1 + B_simple/kn), "
+                "McCandlish et al. 2018)")
 
 
 def noise_scale_meter(cfg: RecipeConfig, engine, plan: BatchPlan, model) -> NoiseScaleMeter | None:
@@ -126,7 +128,8 @@ def noise_scale_meter(cfg: RecipeConfig, engine, plan: BatchPlan, model) -> Nois
             log.warning("noise scale not measured: it needs two gradients per update (world size x accumulation "
                         "steps >= 2, here 1); lower batch.per_device_batch_size or add processes to measure it")
         return None
-    return NoiseScaleMeter(engine, plan, model, cfg.run.noise_scale_ema_decay)
+    run = cfg.run
+    return NoiseScaleMeter(engine, plan, model, run.noise_scale_ema_decay, run.noise_scale_every_updates)
 
 
 class TrainStep:
@@ -164,6 +167,12 @@ class TrainStep:
         stats = torch.zeros(4, dtype=torch.float64, device=device)
         indices: list[int] = []
         self.norm_statistics.save()
+        # Every N-th applied update (the same on every rank: the collective below changes shape with it).
+        noise = self.noise
+        if noise is not None and self.scheduler.updates_done % noise.every_updates:
+            noise = None
+        if self.noise is not None:
+            self.noise.norms.active = noise is not None
         for micro in range(plan.accumulation_steps):
             images, labels, index, bad = next(batches)
             images = images.to(device, non_blocking=True, memory_format=self.memory_format)
@@ -184,7 +193,6 @@ class TrainStep:
             indices += index.tolist()
         lr = self.scheduler.lr_at(self.scheduler.updates_done)
         local = torch.isfinite(stats[0]) & engine.grads_finite(self.model).to(device)
-        noise = self.noise
         if noise is None:
             reduced = engine.all_reduce_sum((~local).double().reshape(1))
         else:

@@ -108,14 +108,19 @@ def test_backward_grad_norms_are_each_passes_own_gradient():
     accumulated = sum(float(p.grad.square().sum()) for p in model.parameters())
     assert float(grad_sq_norm(model.parameters())) == pytest.approx(accumulated, rel=1e-6)
     assert accumulated != pytest.approx(expected, rel=1e-3)  # the sum of passes is not the pass sum's norm
+    norms.active = False  # an update that is not measured records nothing
+    model(batches[0]).sum().backward()
+    assert float(norms.take()) == 0.0
+    norms.active = True
     norms.remove()
     model(batches[0]).sum().backward()
     assert float(norms.take()) == 0.0
 
 
 # goyal-train: LARS with polynomial decay (the same schedule as every run below), 4 updates of kn = 16.
+EVERY_UPDATE = {"run.noise_scale_every_updates": 1}
 LARS = {"optim.optimizer": "lars", "optim.decay": "poly", "optim.weight_decay": 5e-4, "optim.nesterov": "false",
-        "run.max_updates": UPDATES_PER_EPOCH}
+        "run.max_updates": UPDATES_PER_EPOCH, **EVERY_UPDATE}
 SCHEDULE = Schedule(global_batch_size=16, base_lr=0.05, base_batch_size=4, warmup_epochs=1, decay="poly",
                     epochs=EPOCHS)
 
@@ -137,12 +142,14 @@ def assert_same_noise(run_dir, reference, updates=None):
 @pytest.fixture(scope="module")
 def noise_runs(data_root, tmp_path_factory):
     """The same 64 images per epoch as 1 process x 2 micro-batches of 8 (TensorBoard, plots), 2 processes x 8,
-    and DeepSpeed ZeRO-1 as 1 process x 2 micro-batches for one update (SGD: ZeRO-1 refuses LARS). ZeRO-1 reads
-    the reduced gradient's norm from DeepSpeed; ZeRO-0 reads .grad as accelerate does (2 processes: slow case)."""
+    and DeepSpeed ZeRO-1 as 1 process x 2 micro-batches, measuring every 2nd of 3 updates (SGD: ZeRO-1 refuses
+    LARS). ZeRO-1 reads the reduced gradient's norm from DeepSpeed; ZeRO-0 reads .grad as accelerate does
+    (2 processes: the slow case)."""
     out = tmp_path_factory.mktemp("noise_runs")
     one = train(overrides(data_root, out, "one", **LARS, **{"run.trackers": "[tensorboard]", "run.plots": "true"}))
     train(overrides(data_root, out, "two", **LARS), launcher="accelerate")
-    train(overrides(data_root, out, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1, "run.max_updates": 1}))
+    zero1 = {"engine": "deepspeed", "deepspeed.zero_stage": 1, "run.max_updates": 3, "run.noise_scale_every_updates": 2}
+    train(overrides(data_root, out, "zero1", **zero1))
     return out, one.stdout
 
 
@@ -158,6 +165,9 @@ def test_same_images_same_noise_scale_on_every_split(noise_runs):
     assert len({r["noise_scale"] for r in steps}) == 4  # it moves with the weights
     assert_same_noise(out / "two", out / "one")
     assert_same_noise(out / "zero1", out / "one", updates=1)  # update 1: the initial weights, any optimizer
+    zero1 = noise_records(out / "zero1")  # measured at updates 1 and 3: update 2 logs update 1's averages
+    assert {k: v for k, v in zero1[1].items() if k != "update"} == {k: v for k, v in zero1[0].items() if k != "update"}
+    assert zero1[2]["noise_grad_sq"] != zero1[1]["noise_grad_sq"]
     b_simple = steps[-1]["noise_scale"]
     assert f"noise scale: B_simple = {b_simple:.4g} images; kn = 16 is {16 / b_simple:.3g}x B_simple" in stdout
     assert (out / "one" / "plots" / "noise_scale.png").stat().st_size > 0
@@ -176,7 +186,8 @@ def test_resume_continues_the_noise_tracker(noise_runs, data_root, tmp_path):
 
 
 def test_one_gradient_per_update_logs_no_noise_scale(data_root, tmp_path):
-    proc = train(overrides(data_root, tmp_path, "single", **{"batch.per_device_batch_size": 16, "run.max_updates": 1}))
+    proc = train(overrides(data_root, tmp_path, "single", **{"batch.per_device_batch_size": 16, "run.max_updates": 1,
+                                                              **EVERY_UPDATE}))
     assert proc.stderr.count("noise scale not measured: it needs two gradients per update") == 1
     steps = records(tmp_path / "single", "step")
     assert len(steps) == 1 and not any(key in steps[0] for key in NOISE_KEYS)
@@ -187,7 +198,7 @@ def test_recipe_switch_turns_the_meter_off():
     plan = BatchPlan(global_batch_size=16, per_device_batch_size=8, world_size=1, accumulation_steps=2,
                      bn_group_size=8)
     assert noise_scale_meter(cfg, engine=None, plan=plan, model=None) is None
-    assert load_config(RECIPE).run.noise_scale is True
+    assert (load_config(RECIPE).run.noise_scale, load_config(RECIPE).run.noise_scale_every_updates) == (True, 4)
 
 
 @pytest.mark.slow  # the deepspeed launcher takes about a minute to start 2 CPU processes
@@ -197,5 +208,5 @@ def test_deepspeed_launcher_two_processes_same_noise_scale(noise_runs, data_root
     assert records(tmp_path / "zero0", "run")[0]["world_size"] == 2
     assert_same_noise(tmp_path / "zero0", out / "one")
     train(overrides(data_root, tmp_path, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1,
-                                                      "run.max_updates": 1}), launcher="deepspeed")
+                                                      "run.max_updates": 1, **EVERY_UPDATE}), launcher="deepspeed")
     assert_same_noise(tmp_path / "zero1", out / "one", updates=1)
