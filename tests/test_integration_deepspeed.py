@@ -297,6 +297,11 @@ def test_check_of_a_users_ds_config(config, codes):
     assert all("\n" not in str(f) for f in findings)
 
 
+def test_check_of_a_users_ds_config_refuses_a_non_number():
+    with pytest.raises(UserError, match="ds_config has gradient_clipping='auto'; DeepSpeed needs a number"):
+        goyal_ds.check_ds_config({"gradient_clipping": "auto"}, global_batch_size=32, world_size=2)
+
+
 def test_trainer_engine_uses_the_same_ds_config():
     from goyal_recipe.config import load_config
     from goyal_recipe.engines.deepspeed import ds_config

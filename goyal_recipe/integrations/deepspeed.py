@@ -123,7 +123,11 @@ def check_ds_config(config: dict, *, global_batch_size: int, world_size: int | N
     """
     world = current_world_size() if world_size is None else int(world_size)
     findings = []
-    clip = float(config.get("gradient_clipping", _DS_DEFAULT_CLIP))
+    try:
+        clip = float(config.get("gradient_clipping", _DS_DEFAULT_CLIP))
+    except (TypeError, ValueError):
+        raise UserError(f"ds_config has gradient_clipping={config['gradient_clipping']!r}; DeepSpeed needs a number "
+                        "(0 for the paper's update, which does not clip)") from None
     wanted = float(grad_clip_norm or 0.0)
     if clip != wanted:
         has = (f"\"gradient_clipping\": {clip:g}" if "gradient_clipping" in config
