@@ -69,7 +69,7 @@ PRESETS = {
                              "optim.warmup_epochs=1", "optim.milestones=[1]", "run.noise_scale=false"],
                   data=dict(num_classes=4, train_per_class=16, val_per_class=4, image_size=(40, 32), difficulty=0.5)),
 }
-QUICK = dict(preset="quick", warmup=2, updates=4, repeats=2, goyal_only=True)
+QUICK = dict(preset="quick", warmup=2, updates=4, repeats=2)
 
 _TIMM_TRAIN = re.compile(r"Train: (\d+) \[\s*(\d+)/(\d+) .*?Time: ([\d.]+)s, .*?Data: ([\d.]+) \(([\d.]+)\)")
 _TIMM_TEST = re.compile(r"^Test: \[")
@@ -112,19 +112,27 @@ def recipe_config(args, data_root: Path):
                        [*preset["overrides"], *args.override, f"data.root={data_root}", "data.generate=null"])
 
 
-def ensure_data(args) -> Path:
-    """The preset's generated JPEG folders (the recipe's data.generate where the preset gives none)."""
+def data_spec(args) -> dict:
+    """generate_dataset's arguments for the preset (the recipe's data.generate where the preset gives none)."""
     preset = PRESETS[args.preset]
-    spec = preset["data"]
-    if spec is None:
-        gen = load_config(common.REPO / preset["recipe"]).data.generate
-        spec = dict(num_classes=gen.num_classes, train_per_class=gen.train_per_class, val_per_class=gen.val_per_class,
-                    image_size=(gen.image_width, gen.image_height), difficulty=gen.difficulty, seed=gen.seed)
-    root = args.data_dir or common.CACHE_DIR / f"vs_timm_{args.preset}"
-    done = generate_dataset(root, formats=("jpeg",), **spec)
+    if preset["data"] is not None:
+        return preset["data"]
+    gen = load_config(common.REPO / preset["recipe"]).data.generate
+    return dict(num_classes=gen.num_classes, train_per_class=gen.train_per_class, val_per_class=gen.val_per_class,
+                image_size=(gen.image_width, gen.image_height), difficulty=gen.difficulty, seed=gen.seed)
+
+
+def data_path(args) -> Path:
+    return Path(args.data_dir or common.CACHE_DIR / f"vs_timm_{args.preset}")
+
+
+def ensure_data(args) -> Path:
+    """The preset's generated JPEG folders, written if missing."""
+    root = data_path(args)
+    done = generate_dataset(root, formats=("jpeg",), **data_spec(args))
     if done["generated"]:
         print(f"generated {root} ({done['seconds']:.1f} s)", file=sys.stderr)
-    return Path(root)
+    return root
 
 
 def goyal_command(args, data_root: Path, run_root: Path) -> list[str]:
@@ -150,8 +158,7 @@ def timm_command(args, cfg, data_root: Path, run_root: Path) -> list[str]:
     warmup_start = o.warmup_start_lr if o.warmup_start_lr is not None else o.base_lr
     flags = [
         "--data-dir", str(data_root), "--train-split", "train", "--val-split", "val",
-        "--model", m.name, "--num-classes", str(m.num_classes or sum(1 for x in (data_root / "train").iterdir()
-                                                                      if x.is_dir())),
+        "--model", m.name, "--num-classes", str(m.num_classes or _num_classes(args, data_root)),
         "--input-size", "3", str(d.image_size), str(d.image_size),
         "--crop-pct", f"{224 / 256}", "--interpolation", "bilinear", "--train-interpolation", "bilinear",
         "--batch-size", str(plan.per_device_batch_size), "--grad-accum-steps", str(plan.accumulation_steps),
@@ -174,16 +181,27 @@ def timm_command(args, cfg, data_root: Path, run_root: Path) -> list[str]:
         flags += ["--channels-last"]
     if m.compile:
         flags += ["--torchcompile"]
-    return [sys.executable, str(args.timm_train), *flags, *args.timm_arg]
+    return [sys.executable, str(getattr(args, "timm_script", None) or args.timm_train), *flags, *args.timm_arg]
 
 
-def portable_command(cmd: list[str], data_root: Path, run_root: Path, timm_train: Path | None) -> list[str]:
+def _num_classes(args, root: Path) -> int:
+    """The class folders of the data, or the preset's count before it is generated (--dry-run)."""
+    train = root / "train"
+    if train.is_dir():
+        return sum(1 for x in train.iterdir() if x.is_dir())
+    return data_spec(args)["num_classes"]
+
+
+def portable_command(cmd: list[str], data_root: Path, run_root: Path, timm_train: Path | None,
+                     scratch_script: Path | None = None) -> list[str]:
     """The command as recorded: the data, run directory and timm script as placeholders, no machine paths."""
     out = []
     for part in cmd:
         part = part.replace(str(run_root), "<run_dir>").replace(str(data_root), "<data>")
         if timm_train is not None:
             part = part.replace(str(timm_train), "<timm-train>")
+        if scratch_script is not None:
+            part = part.replace(str(scratch_script), "<timm-train>")
         if part == sys.executable:
             part = "python"
         out.append(common._portable(part.replace(str(common.REPO) + "/", "")))
@@ -373,11 +391,18 @@ METRICS = (("img_per_s", "steady-state img/s (updates {lo}-{hi})", "{:.1f}"),
 
 def main(argv=None):
     args = parse(argv)
-    data_root = ensure_data(args)
+    data_root = data_path(args) if args.dry_run else ensure_data(args)
     cfg = recipe_config(args, data_root)
     kn = cfg.batch.global_batch_size
     scratch = Path(tempfile.mkdtemp(prefix="bench_vs_timm_")) if args.keep_runs is None else args.keep_runs
     sides = ["goyal_train"] if args.goyal_only else ["goyal_train", "timm_train"]
+    args.timm_script = None
+    if args.timm_train and not args.dry_run:
+        # Python puts a script's directory first on sys.path: run a copy alone in its own directory, so
+        # that whatever else lies beside the given file (a timeit.py in /tmp...) cannot shadow a module.
+        args.timm_script = scratch / "timm" / "train.py"
+        args.timm_script.parent.mkdir(parents=True)
+        shutil.copyfile(args.timm_train, args.timm_script)
 
     def command(side: str, run_root: Path) -> list[str]:
         return (goyal_command(args, data_root, run_root) if side == "goyal_train"
@@ -417,10 +442,11 @@ def main(argv=None):
         timm_info = {"file": args.timm_train.name, "sha256": hashlib.sha256(args.timm_train.read_bytes()).hexdigest()}
     extra = {"data_dir": str(data_root), "timm_train": timm_info, "recipe": PRESETS[args.preset]["recipe"],
              "preset_overrides": PRESETS[args.preset]["overrides"],
-             "commands": {side: portable_command(cmd, data_root, scratch / side, args.timm_train)
+             "commands": {side: portable_command(cmd, data_root, scratch / side, args.timm_train, args.timm_script)
                           for side, cmd in commands.items()}}
     record = common.make_record(common.script_name(__file__), args, variants, derived, extra)
     record["settings"]["timm_train"] = timm_info
+    record["settings"].pop("timm_script", None)
     record["settings"]["keep_runs"] = None if args.keep_runs is None else "<kept>"
     print(common.header(record))
     lo, hi = args.warmup + 1, args.warmup + args.updates

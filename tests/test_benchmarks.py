@@ -154,8 +154,8 @@ def _vs_timm():
 def test_vs_timm_goyal_side_runs_and_records(tmp_path):
     """bench_vs_timm --quick --goyal-only: one tiny goyal-train run, measured from its own metrics and log."""
     results = tmp_path / "vs.jsonl"
-    cmd = [sys.executable, str(BENCH / "bench_vs_timm.py"), "--quick", "--repeats", "1", "--device", "cpu",
-           "--data-dir", str(tmp_path / "data"), "--results", str(results)]
+    cmd = [sys.executable, str(BENCH / "bench_vs_timm.py"), "--quick", "--goyal-only", "--repeats", "1",
+           "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--results", str(results)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "median [min, max]" in proc.stdout and "record appended to" in proc.stdout
@@ -193,7 +193,8 @@ def test_vs_timm_flags_follow_the_quickstart_recipe(tmp_path):
         i = cmd.index(flag)
         return cmd[i + 1:i + 1 + count]
 
-    assert value("--data-dir") == [str(data)] and value("--train-split") == ["train"] and value("--val-split") == ["val"]
+    assert value("--data-dir") == [str(data)]
+    assert value("--train-split") == ["train"] and value("--val-split") == ["val"]
     assert value("--model") == ["resnet18"] and value("--num-classes") == ["3"]
     assert value("--input-size", 3) == ["3", "48", "48"]
     assert value("--batch-size") == ["64"] and value("--grad-accum-steps") == ["2"] and value("--workers") == ["2"]
