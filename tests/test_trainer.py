@@ -242,3 +242,31 @@ def test_two_processes_killed_and_resumed_equal_uninterrupted(runs, killed, tmp_
         assert torch.equal(resumed[key], value), key
     assert _by_epoch(run_dir) == _by_epoch(reference)
     assert _samples(run_dir) == _samples(reference)
+
+
+def test_resume_on_another_number_of_processes(killed, tmp_path, data_root):
+    """The 2-process checkpoint inside epoch 2 resumed by one process: a warning says the run is no longer the
+    uninterrupted one (each rank starts from the mean of the saved ranks' BN statistics), and the epoch still uses
+    every sample once: the one process continues the epoch's permutation where the two stopped."""
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed, run_dir)
+    for path in (run_dir / "checkpoints").iterdir():
+        if path.name > "update_000000006":
+            shutil.rmtree(path)
+    proc = train(overrides(data_root, tmp_path, "run", **{"run.resume": "auto", "run.max_updates": 8}))
+    assert "resuming on 1 ranks from a checkpoint of 2" in proc.stderr
+    header = records(run_dir, "run")[-1]
+    assert (header["resumed_at_update"], header["world_size"]) == (6, 1)
+    seen = []
+    for rank in (0, 1):  # updates 5 and 6 by both ranks, 7 and 8 by the one process
+        last = {}
+        for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["epoch"] == 1 and (rank == 0 or rec["update"] <= 6):
+                last[rec["update"]] = rec["indices"]
+        seen += [i for indices in last.values() for i in indices]
+    assert sorted(seen) == list(range(64))
+    assert records(run_dir, "epoch")[-1]["epoch"] == 2
