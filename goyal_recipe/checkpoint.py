@@ -6,7 +6,8 @@ format), `trainer.pt`, and per rank `rank<r>.pt` (RNG and the rank's share of th
 sums) and `buffers_rank<r>.safetensors` (the rank's floating-point buffers). Per-worker BN keeps
 its running statistics per rank until the epoch's end averages them (Sec. 3, "BN statistics
 are computed per worker"); a checkpoint inside an epoch keeps every rank's copy, so a resumed
-rank continues with its own. `.pt` files hold tensors and plain data and are loaded with
+rank continues with its own (DeepSpeed's own checkpoint, like `model.safetensors`, holds rank 0's
+module state only). `.pt` files hold tensors and plain data and are loaded with
 `weights_only=True`, so loading them never runs code. A checkpoint is written under a temporary
 name and renamed once complete, with a `COMPLETE` marker, so an interrupted save is never picked
 by `resume=auto`. The directory must be on a file system all ranks share.
@@ -172,12 +173,13 @@ def _load_buffers(engine, path: Path, model, saved_world_size: int) -> None:
         mine = path
         state = {name: sum(c[name].double() for c in copies).div(len(copies)).to(copies[0][name].dtype)
                  for name in copies[0]}
-    if state.keys() != live.keys():
-        raise CheckpointError(f"{mine} does not fit this model (buffers {sorted(state.keys() ^ live.keys())[:3]} "
-                              "differ); resume with the recipe that wrote it, or set run.resume=none")
+    differ = sorted(state.keys() ^ live.keys()) or [n for n, b in live.items() if b.shape != state[n].shape]
+    if differ:
+        raise CheckpointError(f"{mine} does not fit this model (buffers {differ[:3]} differ); resume with the recipe "
+                              "that wrote it, or set run.resume=none")
     with torch.no_grad():
         for name, buffer in live.items():
-            fit(mine, lambda: buffer.copy_(state[name]), "model")
+            buffer.copy_(state[name])
 
 
 def load_checkpoint(engine, path: Path, model, optimizer) -> tuple[dict, dict | None]:
