@@ -268,32 +268,38 @@ def test_accelerate_launch_num_processes_without_multi_gpu_is_refused(tiny_root,
 # --- Discoverable settings ---------------------------------------------------------------------------------
 
 def test_show_config_lists_every_key_with_value_default_unit_and_meaning(tiny_root, tmp_path, capsys):
+    from pydantic import BaseModel
+
     from goyal_recipe.config import RecipeConfig, config_rows
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(base_recipe(tiny_root, tmp_path / "runs")))
-    assert train_main(["--show-config", str(recipe), "optim.warmup=constant", "data.generate={num_classes: 3}"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line for line in lines[1:]}
-    cfg = load_config(recipe, ["optim.warmup=constant", "data.generate={num_classes: 3}"])
-    listed = [row[0] for row in config_rows(cfg)]
-    assert list(rows) == listed and len(listed) == len(set(listed))
+    overrides = ["optim.warmup=constant", "data.generate={num_classes: 3}"]
+    assert train_main(["--show-config", str(recipe), *overrides]) == 0
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    rows = {row[0]: row[1:] for row in config_rows(load_config(recipe, overrides))}
+    assert printed == list(rows)
 
     def leaves(model, prefix=""):  # every key of the typed defaults, sections opened
         for name, field in model.model_fields.items():
             sections = [a for a in (getattr(field.annotation, "__args__", None) or (field.annotation,))
-                        if isinstance(a, type) and issubclass(a, RecipeConfig.__mro__[1])]
-            if not sections or not isinstance(field.default, RecipeConfig.__mro__[1]):
+                        if isinstance(a, type) and issubclass(a, BaseModel)]
+            if not sections or not isinstance(field.default, BaseModel):
                 yield prefix + name
             for section in sections:
                 yield from leaves(section, f"{prefix}{name}.")
 
-    assert set(listed) == set(leaves(RecipeConfig))
-    assert rows["optim.warmup"].split()[1:4] == ["constant", "gradual", "gradual:"]  # value, default, meaning
-    assert rows["optim.warmup_epochs"].split()[1:4] == ["1.0", "5.0", "epochs"]
-    assert rows["batch.global_batch_size"].split()[1:4] == ["16", "256", "images"]
-    assert rows["run.collective_timeout_s"].split()[1:4] == ["1800", "1800", "seconds"]
-    assert rows["data.generate.num_classes"].split()[1:3] == ["3", "10"]
-    assert "n of the paper: images per BN statistics group (ghost mode)" in rows["model.bn_group_size"]
-    assert all(len(row[4]) > 10 for row in config_rows(cfg)), [row[0] for row in config_rows(cfg) if len(row[4]) <= 10]
+    assert list(rows) == list(leaves(RecipeConfig)) and len(rows) > 60
+    # (value, default, unit, meaning): the value resolved from the recipe and the overrides
+    assert rows["optim.warmup"][:3] == ("constant", "gradual", "")
+    assert rows["optim.warmup"][3].startswith("gradual: LR ramps linearly to its peak over warmup_epochs")
+    assert rows["optim.warmup_epochs"][:3] == ("1.0", "5.0", "epochs")
+    assert rows["batch.global_batch_size"][:3] == ("16", "256", "images")
+    assert rows["run.collective_timeout_s"][:3] == ("1800", "1800", "seconds")
+    assert rows["data.image_size"][:3] == ("32", "224", "pixels")
+    assert rows["data.generate.num_classes"][:2] == ("3", "10")
+    assert rows["model.bn_group_size"] == ("4", "32", "images", "n of the paper: images per BN statistics group "
+                                                                "(ghost mode)")
+    short = [key for key, row in rows.items() if len(row[3]) < 12]
+    assert not short, short  # every key has a meaning
     assert not (tmp_path / "runs").exists()
