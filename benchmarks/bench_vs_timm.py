@@ -155,7 +155,7 @@ def timm_command(args, cfg, data_root: Path, run_root: Path) -> list[str]:
     for name, value in (("optim.warmup_epochs", o.warmup_epochs), *(("optim.milestones", x) for x in o.milestones)):
         if value != int(value):  # timm's --warmup-epochs and --decay-milestones are whole epochs
             raise SystemExit(f"{name}={value}: timm's train.py takes whole epochs only")
-    warmup_start = o.warmup_start_lr if o.warmup_start_lr is not None else o.base_lr
+    warmup_start = schedule.lr(0.0)  # the LR of the first update (base_lr, or the peak when kn is below the base)
     flags = [
         "--data-dir", str(data_root), "--train-split", "train", "--val-split", "val",
         "--model", m.name, "--num-classes", str(m.num_classes or _num_classes(args, data_root)),
@@ -273,6 +273,9 @@ def run_process(cmd: list[str], env: dict, log_path: Path, poll_s: float) -> dic
                             bufsize=1)
     poller = MemoryPoller(proc.pid, poll_s)
     poller.start()
+    exited = []  # when the main process ends (its loader workers may hold the output open a little longer)
+    waiter = threading.Thread(target=lambda: (proc.wait(), exited.append(time.perf_counter() - start)), daemon=True)
+    waiter.start()
     lines = []
     with log_path.open("w") as log:
         for line in proc.stdout:
@@ -282,10 +285,12 @@ def run_process(cmd: list[str], env: dict, log_path: Path, poll_s: float) -> dic
             lines.append((t, line.split("\r")[-1]))
             log.write(f"{t:9.3f} {line}\n")
     code = proc.wait()
-    wall = time.perf_counter() - start
+    waiter.join()
+    output_closed = time.perf_counter() - start
     poller.done.set()
     poller.join()
-    return {"wall_s": wall, "lines": lines, "returncode": code, "peak_rss_main_mib": poller.main_hwm_kib / 1024,
+    return {"wall_s": exited[0], "after_exit_s": max(output_closed - exited[0], 0.0), "lines": lines,
+            "returncode": code, "peak_rss_main_mib": poller.main_hwm_kib / 1024,
             "peak_rss_tree_mib": poller.tree_peak_kib / 1024, "processes": 1 + poller.max_children,
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
@@ -361,6 +366,7 @@ def measure(name: str, cmd: list[str], env: dict, run_root: Path, args, kn: int)
         "img_per_s": kn * (hi - lo) / window_s,
         "data_wait_pct": 100 * sum(waits[lo:hi]) / window_s,
         "wall_s": out["wall_s"],
+        "after_exit_s": out["after_exit_s"],
         "startup_s": first if first is not None else float("nan"),
         "end_s": out["wall_s"] - last_eval if last_eval is not None else float("nan"),
         "train_s": sum(times),
@@ -384,6 +390,7 @@ METRICS = (("img_per_s", "steady-state img/s (updates {lo}-{hi})", "{:.1f}"),
            ("wall_s", "wall time of the run, s", "{:.1f}"),
            ("startup_s", "start to first update logged, s", "{:.1f}"),
            ("end_s", "last evaluation to exit, s", "{:.1f}"),
+           ("after_exit_s", "workers' output open after the exit, s", "{:.1f}"),
            ("peak_rss_main_mib", "peak RSS main process, MiB", "{:.0f}"),
            ("peak_rss_tree_mib", "peak RSS process tree, MiB", "{:.0f}"),
            ("val_top1_error", "val top-1 error, %", "{:.2f}"))
