@@ -37,7 +37,19 @@ _BUFFERS = re.compile(r"^buffers_rank(\d+)\.safetensors$")
 
 
 class CheckpointError(UserError):
-    """A checkpoint that cannot be resumed from: missing, incomplete, corrupt, hostile, or of another model."""
+    """A checkpoint that cannot be resumed from: missing, incomplete, corrupt, hostile, or of another model.
+
+    `rank_local`: found in a file only this rank reads, so this rank must report it (not only rank 0)."""
+
+    rank_local = False
+
+
+def _rank_local(read, path: Path):
+    try:
+        return read(path)
+    except CheckpointError as e:
+        e.rank_local = True
+        raise
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -163,7 +175,7 @@ def _load_buffers(engine, path: Path, model, saved_world_size: int) -> None:
     live = _float_buffers(engine, model)
     if saved_world_size == engine.world_size:
         mine = path / f"buffers_rank{engine.rank}.safetensors"
-        state = read_tensors(mine)
+        state = _rank_local(read_tensors, mine)
     else:
         if engine.is_main:
             log.warning("resuming on %d ranks from a checkpoint of %d: each rank starts from the mean of the saved "
@@ -201,6 +213,6 @@ def load_checkpoint(engine, path: Path, model, optimizer) -> tuple[dict, dict | 
     rank_file = path / f"rank{engine.rank}.pt"
     if not rank_file.is_file():  # resuming on more ranks than saved
         return trainer_state, None
-    rank_state = read_torch(rank_file)
+    rank_state = _rank_local(read_torch, rank_file)
     _set_rng_state(rank_state.pop("rng"))
     return trainer_state, rank_state

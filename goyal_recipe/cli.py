@@ -35,8 +35,9 @@ def _guarded(program: str):
             except UserError as e:
                 from .data.sources import BadImageError
 
-                # A bad image is found by the rank that loaded it, which may not be rank 0.
-                return _fail(program, " ".join(str(e).split()), every_rank=isinstance(e, BadImageError))
+                # A bad image, or a file of one rank's checkpoint state, is found by that rank, maybe not rank 0.
+                every_rank = isinstance(e, BadImageError) or getattr(e, "rank_local", False)
+                return _fail(program, " ".join(str(e).split()), every_rank=every_rank)
 
         return run
 

@@ -17,6 +17,7 @@ from goyal_recipe.config import load_config, plan_batches
 from goyal_recipe.data.generate import generate_dataset
 from goyal_recipe.errors import UserError
 from goyal_recipe.model import build_model
+from goyal_recipe.optim import param_groups
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,9 @@ def _checkpoint(tiny_root, directory, corrupt: str):
     recipe.write_text(yaml.safe_dump(base_recipe(tiny_root, directory)))
     cfg = load_config(recipe)
     model = build_model(cfg.model, 4, plan_batches(cfg, 1), 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    o = cfg.optim  # the recipe's weight-decay groups, as the trainer builds them
+    optimizer = torch.optim.SGD(param_groups(model, weight_decay=o.weight_decay, norm_weight_decay=o.norm_weight_decay,
+                                             bias_weight_decay=o.bias_weight_decay), lr=0.1, momentum=0.9)
     directory.mkdir(parents=True)
     torch.save({"update": 2, "world_size": 1}, directory / "trainer.pt")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
@@ -167,6 +170,8 @@ def _checkpoint(tiny_root, directory, corrupt: str):
         (directory / "optimizer.pt").write_bytes(data[: len(data) // 2])
     elif corrupt == "trainer.pt":
         (directory / "trainer.pt").write_bytes(b"")
+    elif corrupt == "buffers_rank0.safetensors":
+        (directory / corrupt).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     elif corrupt == "old version":
         torch.save({"update": 2}, directory / "trainer.pt")
     elif corrupt == "another model":
@@ -180,6 +185,7 @@ CHECKPOINTS = [
     ("empty trainer.pt", "trainer.pt", "{ckpt}/trainer.pt is corrupt or truncated ("),
     ("weights of another model", "another model", "{ckpt}/model.safetensors does not fit this model ("),
     ("written by another version", "old version", "{ckpt} has no per-rank state (written by another version"),
+    ("a rank's buffers truncated", "buffers_rank0.safetensors", "{ckpt}/buffers_rank0.safetensors is corrupt or truncated"),
 ]
 
 

@@ -176,7 +176,7 @@ def killed(data_root, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("killed")
     args = overrides(data_root, out, "run", **{"run.resume": "auto", "run.checkpoint_every_updates": 2,
-                                                "run.keep_checkpoints": 3})
+                                                "run.keep_checkpoints": 6})
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
            "-m", "goyal_recipe.cli", "train", str(RECIPE), *args]
