@@ -244,6 +244,7 @@ def test_two_processes_killed_and_resumed_equal_uninterrupted(runs, killed, tmp_
     assert _samples(run_dir) == _samples(reference)
 
 
+@pytest.mark.slow
 def test_resume_on_another_number_of_processes(killed, tmp_path, data_root):
     """The 2-process checkpoint inside epoch 2 resumed by one process: a warning says the run is no longer the
     uninterrupted one (each rank starts from the mean of the saved ranks' BN statistics), and the epoch still uses
