@@ -1,4 +1,5 @@
-"""Console entry points: goyal-train, goyal-data, goyal-plot, goyal-replicate, goyal-plan (and `python -m goyal_recipe.cli <command>`).
+"""Console entry points: goyal-train, goyal-data, goyal-plot, goyal-replicate, goyal-plan
+(and `python -m goyal_recipe.cli <command>`).
 
 Every entry point runs through `_guarded`, the one place that turns a `UserError` (config, data,
 checkpoint, launch) into one line on stderr and exit code 2; anything else keeps its traceback.
