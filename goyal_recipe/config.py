@@ -256,7 +256,7 @@ class RecipeConfig(_Section):
     batch: BatchConfig = BatchConfig()
     optim: OptimConfig = OptimConfig()
     engine: Literal["accelerate", "deepspeed"] = "accelerate"
-    """What drives the loop: accelerate (DDP) or DeepSpeed (engine=deepspeed, under its launcher or accelerate's plugin)."""
+    """What drives the loop: accelerate (DDP) or DeepSpeed (under its launcher or accelerate's plugin)."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     @field_validator("engine", mode="before")
@@ -411,8 +411,7 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        sections = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
-                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        sections = _sections(field.annotation)
         if not sections:
             return None
         model = sections[0]
@@ -493,7 +492,9 @@ def unit_of(name: str) -> str:
 
 
 def _sections(annotation) -> list[type[BaseModel]]:
-    return [a for a in (typing.get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+    """The config classes an annotation names (`GenerateConfig | None` -> [GenerateConfig])."""
+    return [a for a in (typing.get_args(annotation) or (annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
 def config_rows(cfg: RecipeConfig) -> list[tuple[str, str, str, str, str]]:

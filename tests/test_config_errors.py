@@ -185,7 +185,8 @@ CHECKPOINTS = [
     ("empty trainer.pt", "trainer.pt", "{ckpt}/trainer.pt is corrupt or truncated ("),
     ("weights of another model", "another model", "{ckpt}/model.safetensors does not fit this model ("),
     ("written by another version", "old version", "{ckpt} has no per-rank state (written by another version"),
-    ("a rank's buffers truncated", "buffers_rank0.safetensors", "{ckpt}/buffers_rank0.safetensors is corrupt or truncated"),
+    ("a rank's buffers truncated", "buffers_rank0.safetensors",
+     "{ckpt}/buffers_rank0.safetensors is corrupt or truncated"),
 ]
 
 
