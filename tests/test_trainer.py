@@ -129,14 +129,17 @@ def test_bad_config_one_line_error(data_root, tmp_path, extra, message):
 
 
 def test_quickstart_learns(tmp_path):
-    """The quickstart recipe, shortened to 4 epochs, ends far below the 90 % chance error of 10 classes."""
-    args = [f"run.output_dir={tmp_path}", "run.resume=none", "optim.epochs=4", "optim.warmup_epochs=1",
+    """The quickstart recipe, shortened to 4 epochs (28 updates), ends far below chance: 90 % top-1 and 50 % top-5
+    error on 10 classes. With so few updates at eta = 0.4 the top-1 error still swings by 10-15 points between
+    package versions (46.5 % and 60 % measured), so the bounds leave that room and top-5 carries the signal."""
+    args = [f"run.output_dir={tmp_path}", "run.resume=none", "optim.epochs=4", "optim.warmup_epochs=2",
             "optim.milestones=[3]", f"data.root={tmp_path / 'data'}", "data.generate.train_per_class=100",
             "data.generate.val_per_class=20", "run.plots=true"]
     proc = train(args)
     last = records(tmp_path / "quickstart", "epoch")[-1]
     assert last["val_images"] == 200
-    assert last["val_top1_error"] < 60, proc.stdout[-2000:]
+    assert last["val_top1_error"] < 70, proc.stdout[-2000:]
+    assert last["val_top5_error"] < 20, proc.stdout[-2000:]
     assert {p.name for p in (tmp_path / "quickstart" / "plots").iterdir()} >= {"error.png", "lr.png"}
 
 
