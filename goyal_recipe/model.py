@@ -46,7 +46,10 @@ def build_model(cfg: ModelConfig, num_classes: int, plan: BatchPlan, world_size:
         replaced = use_ghost_batchnorm(model, plan.bn_group_size)
         log.info("ghost BN: %d layers, statistics over groups of %d", replaced, plan.bn_group_size)
     elif cfg.bn == "sync" and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # timm's conversion keeps BatchNormAct2d's activation and drop (torch's would turn it into plain SyncBN).
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
