@@ -406,7 +406,7 @@ def main(argv=None):
     args.timm_script = None
     if args.timm_train and not args.dry_run:
         # Python puts a script's directory first on sys.path: run a copy alone in its own directory, so
-        # that whatever else lies beside the given file (a timeit.py in /tmp...) cannot shadow a module.
+        # that no file beside the given one can shadow a standard-library module.
         args.timm_script = scratch / "timm" / "train.py"
         args.timm_script.parent.mkdir(parents=True)
         shutil.copyfile(args.timm_train, args.timm_script)
