@@ -151,6 +151,7 @@ def _vs_timm():
     return bench_vs_timm
 
 
+@pytest.mark.slow  # a whole goyal-train process; the flags and the log parsing are checked fast below
 def test_vs_timm_goyal_side_runs_and_records(tmp_path):
     """bench_vs_timm --quick --goyal-only: one tiny goyal-train run, measured from its own metrics and log."""
     results = tmp_path / "vs.jsonl"
