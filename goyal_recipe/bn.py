@@ -29,9 +29,10 @@ def zero_init_last_bn(model: nn.Module) -> list[str]:
     and EdgeResidual bn2), and blocks whose `has_skip` is False are left alone: without a shortcut
     a zero gamma would silence the block instead of making it the identity.
 
-    Returns the dotted names of the norm modules whose gamma this set to zero, in model order,
-    including those that were zero already (timm creates ResNets with `zero_init_last=True`), so
-    a second call returns the same list. Idempotent.
+    Returns the dotted names of the norm modules whose gamma this set to zero, in model order (for
+    a block with the hook: its norms whose gamma is all zero after it), including those that were
+    zero already (timm creates ResNets with `zero_init_last=True`), so a second call returns the
+    same list. Idempotent.
     """
     zeroed: dict[str, None] = {}
     for block_name, block in model.named_modules():
@@ -48,16 +49,10 @@ def zero_init_last_bn(model: nn.Module) -> list[str]:
 
 
 def _zeroed_by_hook(block: nn.Module) -> list[str]:
-    """Calls `block.zero_init_last()` and names the norms it zeroed, also when they were zero before.
-
-    A norm counts as zeroed when the hook wrote its weight (a new tensor, or an in-place write:
-    `Tensor._version` is autograd's counter of in-place writes) and the weight is now all zero.
-    """
-    norms = [(name, m) for name, m in block.named_modules() if isinstance(m, _NORMS) and m.weight is not None]
-    before = [(m.weight, m.weight._version) for _, m in norms]
+    """Calls `block.zero_init_last()` and names the block's norms whose gamma is then all zero."""
     block.zero_init_last()
-    return [name for (name, m), (weight, version) in zip(norms, before)
-            if (m.weight is not weight or m.weight._version != version) and not m.weight.any()]
+    return [name for name, m in block.named_modules()
+            if isinstance(m, _NORMS) and m.weight is not None and not m.weight.any()]
 
 
 def ghost_batch_norm(x: torch.Tensor, group_size: int, running_mean: torch.Tensor | None,
