@@ -1,7 +1,8 @@
 """The large-minibatch SGD recipe of Goyal et al. 2017 (arXiv 1706.02677) for torch training loops."""
 
-from .audit import Finding, FirstUpdateCheck, audit, refuse_silent
+from .audit import Finding, audit, refuse_silent
 from .bn import GhostBatchNorm2d, use_ghost_batchnorm, zero_init_last_bn
+from .first_update import FirstUpdateCheck
 from .loss import global_batch_loss
 from .lr import GoyalLR
 from .noise_scale import GradientNoiseScale, noise_scale_estimates

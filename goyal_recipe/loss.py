@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .audit import record_loss
+from .first_update import record_loss
 
 GRAD_REDUCTIONS = ("mean", "sum")
 

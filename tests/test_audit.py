@@ -10,8 +10,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from goyal_recipe import (EpochShuffleSampler, GoyalLR, Schedule, build_optimizer, global_batch_loss,
                           use_ghost_batchnorm, zero_init_last_bn)
-from goyal_recipe.audit import _ACTIVE, Finding, FirstUpdateCheck, audit, refuse_silent
+from goyal_recipe.audit import Finding, audit, refuse_silent
 from goyal_recipe.errors import RecipeMismatch, UserError
+from goyal_recipe.first_update import _ACTIVE, FirstUpdateCheck
 
 NUM_SAMPLES, KN, N, WORLD, ACCUMULATION = 256, 64, 16, 2, 2  # kn = 2 ranks x 16 x 2; 4 updates per epoch
 

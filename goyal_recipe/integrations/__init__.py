@@ -27,8 +27,9 @@ import math
 
 import torch
 
-from ..audit import Finding, FirstUpdateCheck, audit, loader_parts, record_loss
+from ..audit import Finding, audit, loader_parts
 from ..errors import UserError
+from ..first_update import FirstUpdateCheck, record_loss
 from ..lr import GoyalLR
 from ..sampler import EpochShuffleSampler
 from ..schedule import Schedule

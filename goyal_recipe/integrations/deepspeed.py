@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
-from ..audit import Finding, FirstUpdateCheck, allowed, audit, refuse_silent
+from ..audit import Finding, allowed, audit, refuse_silent
 from ..errors import UserError
+from ..first_update import FirstUpdateCheck
 from ..loss import global_batch_loss
 from ..lr import GoyalLR
 from ..schedule import Schedule

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from ..audit import Finding, FirstUpdateCheck, audit, refuse_silent
+from ..audit import Finding, audit, refuse_silent
 from ..bn import use_ghost_batchnorm, zero_init_last_bn
 from ..errors import UserError
+from ..first_update import FirstUpdateCheck
 from ..loss import global_batch_loss
 from ..lr import GoyalLR
 from ..optim import build_optimizer

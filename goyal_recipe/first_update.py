@@ -1,0 +1,248 @@
+"""The runtime half of the audit: `FirstUpdateCheck`, the check at a loop's first real update.
+
+Framework-free, so that every integration reuses it. It installs a pre-hook on the innermost torch
+optimizer (the one whose `step()` runs once per real update, under accelerate's and DeepSpeed's
+wrappers alike) and, at the first real update:
+
+- evaluates the static audit (`goyal_recipe.audit`) then, when the loop is fully assembled (after
+  `prepare`, after `load_state`);
+- checks what only the running loop shows: the samples that really went into the update, summed
+  over micro-batches and all-reduced over ranks, against kn; the weight each sample's loss got in
+  the final gradient (the loss helper's factor, divided by the engine's own division of the loss
+  and by the ranks' mean) against 1/kn (Remark 3); the LR the optimizer is about to use against
+  the schedule; the data position (sampler epoch and offset) against the LR's position;
+  a clipping call the integration saw;
+- logs the reported findings on rank 0 and raises `RecipeMismatch` on a silent one (every rank
+  reaches the same verdict: the runtime numbers are all-reduced first).
+
+Loss helpers report each micro-batch to the active checks with `record_loss(num_samples, scale)`
+(`global_batch_loss` does, so its use under an engine that divides again is caught). The hooks stay
+until the first update of the next epoch, where the sampler must have moved to that epoch (a
+sampler that does not reshuffle per epoch), and are then removed: no cost afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .audit import Finding, _sampler_replicas, allowed, refuse_silent, unwrap_scheduler
+from .lr import GoyalLR, _innermost_optimizer
+from .schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_TOLERANCE = 1e-6  # relative; a wrong normalisation is off by a whole factor (A, k, n)
+_ACTIVE: list["FirstUpdateCheck"] = []
+
+
+def record_loss(num_samples: int, scale: float) -> None:
+    """Called by loss helpers per micro-batch: `num_samples` per-sample losses, each multiplied by `scale`."""
+    for check in _ACTIVE:
+        check.record_loss(num_samples, scale)
+
+
+class FirstUpdateCheck:
+    """Audits a loop at its first real optimizer update and refuses silent findings (see the module docstring).
+
+    `static`: returns the static findings (typically a closure over `audit(...)`), evaluated at the
+    first update. `loss_divisor`: what the engine divides the backward loss by (accelerate: its
+    gradient_accumulation_steps; DeepSpeed: its accumulation steps unless scale_wrt_gas=False).
+    `grad_reduction`: "mean" when the gradient all-reduce averages over `world_size` ranks.
+    `schedule`/`scheduler`: the LR expected at each update; `sampler`: whose epoch and offset must
+    match the LR's position. `fix_loss`: the integration's advice for a wrong loss normalisation.
+    `accumulation_steps`: micro-batches per update (a loss the check did not see is refused when a
+    per-micro-batch mean would be wrong). `on_remove`: called once the hooks are gone (to undo an
+    integration's own instrumentation).
+    """
+
+    def __init__(self, optimizer, *, global_batch_size: int | None = None, world_size: int = 1, loss_divisor: int = 1,
+                 grad_reduction: str = "mean", static: Callable[[], list[Finding]] | None = None,
+                 scheduler=None, schedule: Schedule | None = None, sampler=None, allow: Iterable[str] = (),
+                 fix_loss: str = "normalise each micro-batch's per-sample losses with global_batch_loss",
+                 accumulation_steps: int = 1, on_remove: Callable[[], None] | None = None):
+        self.optimizer = _innermost_optimizer(optimizer)
+        self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
+        self.world_size = int(world_size)
+        self.loss_divisor = loss_divisor
+        self.grad_reduction = grad_reduction
+        self.static = static or (lambda: [])
+        self.scheduler = unwrap_scheduler(scheduler)
+        self.schedule = schedule if schedule is not None else getattr(self.scheduler, "schedule", None)
+        self.sampler = sampler
+        self.allow = tuple(allow)
+        self.fix_loss = fix_loss
+        self.accumulation_steps = int(accumulation_steps)
+        self.on_remove = on_remove
+        self.findings: list[Finding] | None = None  # what the first update found
+        self._samples = 0
+        self._weighted = 0.0  # sum over samples of (weight in the gradient x kn): kn x 1/kn = 1 each when right
+        self._wrong = 0
+        self._records = 0
+        self._clip: float | None = None
+        self._first_update: int | None = None
+        self._first_epoch: int | None = None
+        self._handles = [self.optimizer.register_step_pre_hook(self._before_update)]
+        _ACTIVE.append(self)
+
+    # what the loop reports while it runs
+    def record_loss(self, num_samples: int, scale: float) -> None:
+        if self.global_batch_size is None:
+            return
+        divisor = self.loss_divisor() if callable(self.loss_divisor) else self.loss_divisor
+        weight = float(scale) / divisor / (self.world_size if self.grad_reduction == "mean" else 1)
+        self._samples += int(num_samples)
+        self._weighted += int(num_samples) * weight * self.global_batch_size
+        self._wrong += abs(weight * self.global_batch_size - 1.0) > _WEIGHT_TOLERANCE
+        self._records += 1
+
+    def record_clipping(self, max_norm: float) -> None:
+        self._clip = float(max_norm)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if self.on_remove is not None:
+            self.on_remove()
+            self.on_remove = None
+
+    def _update_index(self) -> int | None:
+        return self.scheduler.updates_done if isinstance(self.scheduler, GoyalLR) else None
+
+    def _before_update(self, optimizer, args, kwargs) -> None:
+        if self.findings is None:
+            try:
+                self._check_first()
+            except BaseException:
+                self.remove()
+                raise
+        else:
+            self._check_next_epoch()
+
+    def _check_first(self) -> None:
+        findings = list(self.static()) + self._runtime_findings()
+        self.findings = allowed(findings, self.allow)
+        self._report(self.findings)
+        refuse_silent(self.findings)
+        update = self._update_index()
+        self._first_update = update
+        self._first_epoch = getattr(self.sampler, "epoch", None)
+        if update is None or self._first_epoch is None:
+            self.remove()
+        else:
+            _ACTIVE.remove(self)  # the loss is checked once; the hook waits for the next epoch
+
+    def _check_next_epoch(self) -> None:
+        update, upe = self._update_index(), self.scheduler.updates_per_epoch
+        if update // upe == self._first_update // upe:
+            return
+        self.remove()
+        epoch = getattr(self.sampler, "epoch", None)
+        if epoch is not None and epoch == self._first_epoch:
+            refuse_silent(allowed([Finding(
+                "sampler_not_reshuffled",
+                f"update {update} starts epoch {update // upe} but the sampler is still at epoch {epoch}: the "
+                "epoch repeats the last one's order (Remark 4: one shuffle per epoch); call "
+                "sampler.set_epoch(epoch) (or loader.set_epoch) before each epoch", True)], self.allow))
+
+    def _report(self, findings: list[Finding]) -> None:
+        joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not joined or torch.distributed.get_rank() == 0:
+            for f in findings:
+                if not f.silent:
+                    log.warning("recipe audit: %s", f)
+
+    def _reduced(self) -> tuple[int, float, int, int]:
+        values = [float(self._samples), self._weighted, float(self._wrong), float(self._records)]
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = next((p.device for g in self.optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+            if torch.distributed.get_backend() == "gloo":
+                device = torch.device("cpu")
+            tensor = torch.tensor(values, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(tensor)
+            values = tensor.tolist()
+        samples, weighted, wrong, records = values
+        return int(round(samples)), weighted, int(round(wrong)), int(round(records))
+
+    def _runtime_findings(self) -> list[Finding]:
+        findings = []
+        kn = self.global_batch_size
+        samples, weighted, wrong, records = self._reduced()
+        if kn is None:
+            pass
+        elif records == 0:
+            divisor = self.loss_divisor() if callable(self.loss_divisor) else self.loss_divisor
+            # A per-micro-batch mean is right only where the engine itself divides by the accumulation steps.
+            wrong_if_mean = self.accumulation_steps > 1 and divisor != self.accumulation_steps
+            findings.append(Finding(
+                "loss_unchecked",
+                "the first update's loss did not go through the recipe's loss helper, so its normalisation by kn "
+                "is unchecked" + (f" (a per-micro-batch mean would give {self.accumulation_steps} x the paper's "
+                                  "gradient here)" if wrong_if_mean else "") + f"; {self.fix_loss}", wrong_if_mean))
+        else:
+            if samples != kn:
+                findings.append(Finding(
+                    "samples_per_update",
+                    f"the first update used {samples} samples over all ranks and micro-batches, not kn = {kn}: "
+                    "step the optimizer once per kn samples (micro-batch x ranks x accumulation = kn) and pass "
+                    "per-sample losses (reduction='none')", True))
+            if wrong:
+                factor = weighted / samples if samples else 0.0
+                twice = factor < 1 and math.isclose(1 / factor, round(1 / factor), rel_tol=1e-6)
+                findings.append(Finding(
+                    "loss_divided_twice" if twice else "loss_scale",
+                    f"each sample's gradient carries {factor:.6g} x 1/kn instead of 1/kn (Remark 3: the update is "
+                    f"the mean over all kn samples){' - the loss is divided a second time' if twice else ''}; "
+                    f"{self.fix_loss}", True))
+        if self._clip is not None:
+            findings.append(Finding(
+                "grad_clipping",
+                f"the loop clips gradients to norm {self._clip:g}, which is no part of the paper's update; drop the "
+                "clip_grad_norm_ call (or allow 'grad_clipping' on purpose)", True))
+        findings += self._position_findings()
+        return findings
+
+    def _position_findings(self) -> list[Finding]:
+        findings = []
+        update = self._update_index()
+        if self.schedule is not None and update is not None:
+            upe = self.scheduler.updates_per_epoch
+            expected = self.schedule.lr(update / upe)
+            for group in self.optimizer.param_groups:
+                want = expected * group.get("lr_scale", 1.0)
+                if not math.isclose(group["lr"], want, rel_tol=1e-9, abs_tol=1e-15):
+                    findings.append(Finding(
+                        "lr_off_schedule",
+                        f"update {update} is about to use LR {group['lr']:g}, not the schedule's {want:g}: something "
+                        "else sets the LR; let GoyalLR alone set it", True))
+                    break
+            sampler = self.sampler
+            epoch = getattr(sampler, "epoch", None)
+            if epoch is not None:
+                in_epoch = update % upe
+                start = getattr(sampler, "start", 0)
+                kn = self.global_batch_size or self.schedule.global_batch_size
+                per_update = kn // _sampler_replicas(sampler)
+                if epoch != update // upe or (hasattr(sampler, "start") and start != in_epoch * per_update):
+                    findings.append(Finding(
+                        "data_position",
+                        f"the LR is at update {update} (epoch {update // upe}, update {in_epoch} of {upe}) but the "
+                        f"data at epoch {epoch}, sample {start} of this rank: a resume restored one and not the "
+                        "other; checkpoint the recipe's state (scheduler and sampler) and restore both", True))
+                elif in_epoch and not hasattr(sampler, "start"):
+                    findings.append(Finding(
+                        "data_position",
+                        f"resumed at update {in_epoch} of epoch {update // upe}, but {type(sampler).__name__} "
+                        "cannot start mid-epoch: the epoch's first samples are seen twice; use EpochShuffleSampler",
+                        True))
+        return findings
