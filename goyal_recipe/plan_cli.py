@@ -3,7 +3,7 @@ booked, with the critical batch of a measured run beside it. The model is `goyal
 its formulas and sources are in docs/plan.md.
 
     goyal-plan --preset paper
-    goyal-plan --preset dgx-h100 --run-dir runs/resnet50_kn8k --plot plan.png
+    goyal-plan --preset dgx-h100 --img-per-s IMG_S --per-gpu-batch 256 --run-dir runs/resnet50_kn8k --plot plan.png
     goyal-plan --preset dgx-h100 --bench benchmarks/results/bench_step.jsonl --recipe recipes/resnet50_kn8k.yaml
 """
 
@@ -30,9 +30,6 @@ PUBLISHED_THROUGHPUT = {
     # (8x A100 80GB)", 1 GPU, batch 256 (pytorch-21.03 NGC container).
     "a100-tf32": (938.0, 256, "NVIDIA DeepLearningExamples ResNet-50 v1.5, DGX A100, 1 GPU TF32"),
     "a100": (2470.0, 256, "NVIDIA DeepLearningExamples ResNet-50 v1.5, DGX A100, 1 GPU AMP"),
-    # Eager PyTorch AMP on an H100 SXM runs about 2,800 img/s at batch 256; no vendor table gives this
-    # case, so measure it with benchmarks/bench_step.py before booking.
-    "h100": (2800.0, 256, "approximate eager PyTorch AMP figure; measure with bench_step"),
     # MLPerf Training v4.0 (closed), NVIDIA 8x H200, ResNet-50 to 75.9 % top-1 in 12.0 min, kn = 3,200,
     # ~35 epochs: 35 x 1,281,167 / 720 s / 8 GPUs = 7,785 img/s per GPU. Optimised (DALI, CUDA graphs,
     # LARS), not eager, and measured inside a node, so it already carries that node's all-reduce.
@@ -54,7 +51,8 @@ DGX_H100 = Cluster(8, 450 * GB, 5e-6, 8 * 400e9 / 8, 5e-6)  # NVLink 4 (18 x 25 
 
 @dataclass(frozen=True)
 class Preset:
-    gpu: str
+    gpu: str | None
+    """Key of PUBLISHED_THROUGHPUT; None where no figure is published: the img/s must be measured."""
     cluster: Cluster
     gpu_counts: tuple[int, ...]
     backward_fraction: float = 2 / 3
@@ -71,7 +69,7 @@ PRESETS = {
                     paper_figures={8: "29 h", 256: "~1 h, ~90 % scaling efficiency",
                                    352: "update time +12 % over 8 GPUs"}),
     "dgx-a100": Preset("a100", DGX_A100, (1, 8, 16, 32, 64, 128, 256)),
-    "dgx-h100": Preset("h100", DGX_H100, (1, 8, 16, 32, 64, 128, 256)),
+    "dgx-h100": Preset(None, DGX_H100, (1, 8, 16, 32, 64, 128, 256)),  # no published 1-GPU figure: measure it
     "dgx-h200": Preset("h200", DGX_H100, (8, 16, 32, 64, 128, 256)),  # DGX H200: the DGX H100's links
 }
 
@@ -123,8 +121,12 @@ def _inputs(args):
     elif args.bench is not None:
         img_s, batch, model, where = throughput_from_bench(args.bench)
         source = f"{where}: {args.bench}"
-    else:
+    elif args.gpu or preset.gpu:
         img_s, batch, source = PUBLISHED_THROUGHPUT[args.gpu or preset.gpu]
+    else:
+        raise PlanError(f"--preset {args.preset} has no published img/s of one GPU: measure it with "
+                        "benchmarks/bench_step.py and pass --bench FILE, or pass --img-per-s with --per-gpu-batch, "
+                        f"or a published figure with --gpu ({', '.join(PUBLISHED_THROUGHPUT)})")
     if args.per_gpu_batch is not None and args.per_gpu_batch != batch:
         raise PlanError(f"--per-gpu-batch {args.per_gpu_batch} differs from the {batch} the throughput was "
                         f"measured at; measure at that batch (bench_step.py --batch-size) or pass --img-per-s")

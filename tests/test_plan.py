@@ -254,8 +254,20 @@ def test_cli_takes_a_bench_step_record(tmp_path, capsys):
 
 
 def test_cli_plot(tmp_path, capsys):
-    assert main(["--preset", "dgx-h100", "--plot", str(tmp_path / "plan.png")]) == 0
+    assert main(["--preset", "dgx-a100", "--plot", str(tmp_path / "plan.png")]) == 0
     assert (tmp_path / "plan.png").stat().st_size > 10_000
+
+
+def test_every_throughput_is_published_and_a_preset_without_one_asks_for_a_measurement(capsys):
+    assert sorted(PUBLISHED_THROUGHPUT) == ["a100", "a100-tf32", "h200", "p100"]
+    assert all(source for _, _, source in PUBLISHED_THROUGHPUT.values())
+    assert main(["--preset", "dgx-h100"]) == 2
+    assert capsys.readouterr().err == (
+        "goyal-plan: error: --preset dgx-h100 has no published img/s of one GPU: measure it with "
+        "benchmarks/bench_step.py and pass --bench FILE, or pass --img-per-s with --per-gpu-batch, or a published "
+        "figure with --gpu (p100, a100-tf32, a100, h200)\n")
+    assert main(["--preset", "dgx-h100", "--gpu", "h200", "--gpus", "8"]) == 0
+    assert "7,784.9 img/s at 400 per micro-batch (derived from MLPerf Training v4.0" in capsys.readouterr().out
 
 
 def test_parameter_count_from_timm_or_a_number():
