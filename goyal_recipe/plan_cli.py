@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
@@ -21,11 +21,16 @@ from .plan import (ALGORITHMS, GB, IMAGENET_TRAIN_IMAGES, MB, Cluster, PlanError
                    plan_table, read_noise_scale, throughput_from_bench, updates_over_minimum,
                    updates_saved_by_doubling)
 
+# Goyal et al. 2017's own timing of ResNet-50 on P100 servers at kn = 32 x GPUs, 90 epochs (Sec. 5.5, Fig. 7):
+# GPUs -> (hours, scaling efficiency against 8 GPUs), and what the paper says, beside the paper preset's rows.
+PAPER_MEASURED = {8: (29.0, 1.0), 256: (1.0, 0.90)}
+PAPER_SAYS = {8: "29 h", 256: "~1 h, ~90 % scaling efficiency", 352: "update time +12 % over 8 GPUs"}
+
 # ResNet-50 training img/s of one GPU alone, at a per-GPU micro-batch: (img/s, micro-batch, source).
 PUBLISHED_THROUGHPUT = {
     # Goyal et al. 2017: 8 P100s train 90 epochs in 29 h at kn = 256 (n = 32):
     # 90 x 1,281,167 / (29 x 3600 s) / 8 GPUs = 138.06 img/s (fp32; includes the server's own all-reduce).
-    "p100": (90 * IMAGENET_TRAIN_IMAGES / (29 * 3600) / 8, 32, "derived from Goyal et al. 2017: 29 h on 8 GPUs"),
+    "p100": (90 * IMAGENET_TRAIN_IMAGES / (PAPER_MEASURED[8][0] * 3600) / 8, 32, "derived from Goyal et al. 2017: 29 h on 8 GPUs"),
     # NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5 README, "Training performance: NVIDIA DGX A100
     # (8x A100 80GB)", 1 GPU, batch 256 (pytorch-21.03 NGC container).
     "a100-tf32": (938.0, 256, "NVIDIA DeepLearningExamples ResNet-50 v1.5, DGX A100, 1 GPU TF32"),
@@ -57,7 +62,6 @@ class Preset:
     gpu_counts: tuple[int, ...]
     backward_fraction: float = 2 / 3
     global_batch_size: int | None = None
-    paper_figures: dict = field(default_factory=dict)
 
 
 PAPER_LARGEST_SAFE_KN = 8192  # Goyal et al. 2017, error against kn (Fig. 1, Table): flat up to 8k
@@ -65,9 +69,7 @@ _P100_STEP_S = 32 / PUBLISHED_THROUGHPUT["p100"][0]
 PRESETS = {
     # kn = 32 x GPUs as in the paper's timing (Fig. 7): 256 GPUs run kn = 8k. Backward: "120 ms" on one
     # P100 (Sec. 4, Hardware), of a 232 ms step.
-    "paper": Preset("p100", BIG_BASIN, (8, 16, 32, 64, 128, 256, 352), backward_fraction=0.120 / _P100_STEP_S,
-                    paper_figures={8: "29 h", 256: "~1 h, ~90 % scaling efficiency",
-                                   352: "update time +12 % over 8 GPUs"}),
+    "paper": Preset("p100", BIG_BASIN, (8, 16, 32, 64, 128, 256, 352), backward_fraction=0.120 / _P100_STEP_S),
     "dgx-a100": Preset("a100", DGX_A100, (1, 8, 16, 32, 64, 128, 256)),
     "dgx-h100": Preset(None, DGX_H100, (1, 8, 16, 32, 64, 128, 256)),  # no published 1-GPU figure: measure it
     "dgx-h200": Preset("h200", DGX_H100, (8, 16, 32, 64, 128, 256)),  # DGX H200: the DGX H100's links
@@ -200,8 +202,8 @@ def render(args) -> tuple[str, list[Row], float | None]:
                      f"{100 * updates_saved_by_doubling(r.global_batch_size, noise.noise_scale):>10.0f}%")
             if r.global_batch_size > noise.noise_scale:
                 line += "  past B_noise"
-        if args.preset == "paper" and not args.gpus and r.gpus in preset.paper_figures:
-            line += f"  paper: {preset.paper_figures[r.gpus]}"
+        if args.preset == "paper" and not args.gpus and r.gpus in PAPER_SAYS:
+            line += f"  paper: {PAPER_SAYS[r.gpus]}"
         lines.append(line)
     lines += skipped
     if model == "resnet50" and rows[-1].global_batch_size > PAPER_LARGEST_SAFE_KN:
@@ -221,10 +223,6 @@ def render(args) -> tuple[str, list[Row], float | None]:
     return "\n".join(lines), rows, noise.noise_scale if noise else None
 
 
-# Goyal et al. 2017: (GPUs, hours for 90 epochs, scaling efficiency against 8 GPUs), drawn beside the paper preset.
-PAPER_MEASURED = ((8, 29.0, 1.0), (256, 1.0, 0.90))
-
-
 def plot(rows: list[Row], path: Path, noise_scale: float | None, title: str, paper: bool = False) -> None:
     import matplotlib
 
@@ -242,9 +240,9 @@ def plot(rows: list[Row], path: Path, noise_scale: float | None, title: str, pap
     right.set(xlabel="GPUs", ylabel="scaling efficiency against one node (%)",
               ylim=(min([80.0] + [e - 5 for e in efficiencies]), 102))
     if paper:
-        left.plot([g for g, _, _ in PAPER_MEASURED], [h for _, h, _ in PAPER_MEASURED], "s", color="black",
+        left.plot(list(PAPER_MEASURED), [h for h, _ in PAPER_MEASURED.values()], "s", color="black",
                   label="paper (measured)")
-        right.plot([g for g, _, _ in PAPER_MEASURED], [100 * e for _, _, e in PAPER_MEASURED], "s", color="black")
+        right.plot(list(PAPER_MEASURED), [100 * e for _, e in PAPER_MEASURED.values()], "s", color="black")
     if noise_scale:
         past = [r.gpus for r in rows if r.global_batch_size > noise_scale]
         for ax in (left, right):
