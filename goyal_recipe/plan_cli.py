@@ -21,7 +21,7 @@ from .plan import (ALGORITHMS, GB, IMAGENET_TRAIN_IMAGES, MB, Cluster, PlanError
                    plan_table, read_noise_scale, throughput_from_bench, updates_over_minimum,
                    updates_saved_by_doubling)
 
-# Goyal et al. 2017's own timing of ResNet-50 on P100 servers at kn = 32 x GPUs, 90 epochs (Sec. 5.5, Fig. 7):
+# Goyal et al. 2017's own timing of ResNet-50 on P100 servers at kn = 32 x GPUs, 90 epochs (Fig. 7):
 # GPUs -> (hours, scaling efficiency against 8 GPUs), and what the paper says, beside the paper preset's rows.
 PAPER_MEASURED = {8: (29.0, 1.0), 256: (1.0, 0.90)}
 PAPER_SAYS = {8: "29 h", 256: "~1 h, ~90 % scaling efficiency", 352: "update time +12 % over 8 GPUs"}
