@@ -272,5 +272,8 @@ def test_every_throughput_is_published_and_a_preset_without_one_asks_for_a_measu
 def test_parameter_count_from_timm_or_a_number():
     assert parameter_count("25.6e6") == 25_600_000
     assert parameter_count("resnet18") == 11_689_512  # built by timm without weights
+    timm = pytest.importorskip("timm")  # resnet50 is not built: its count is RESNET50_PARAMETERS, timm's own
+    assert parameter_count("resnet50") == RESNET50_PARAMETERS == sum(
+        p.numel() for p in timm.create_model("resnet50", pretrained=False).parameters())
     with pytest.raises(PlanError, match="--model 1.5: a parameter count must be a positive whole number"):
         parameter_count("1.5")
