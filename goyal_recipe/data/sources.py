@@ -30,8 +30,7 @@ from ..errors import UserError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-# pyarrow is imported by the parquet and arrow sources when they read: an image-folder run never loads it
-# (0.1-0.4 s at start-up and 30 MiB of the main process and of each loader worker).
+# pyarrow is imported by the parquet and arrow sources when they read: an image-folder run never loads it.
 
 KINDS = ("imagefolder", "parquet", "hf")
 _HF_SPLITS = {"train": "train", "val": "validation", "validation": "validation"}
@@ -352,8 +351,6 @@ class ParquetSource(_ClassList, Dataset):
         return state
 
     def _column(self, group: int) -> pa.Array:
-        import pyarrow.parquet as pq
-
         if group in self._cache:
             self._cache.move_to_end(group)
             return self._cache[group]
@@ -365,6 +362,8 @@ class ParquetSource(_ClassList, Dataset):
             column = self._handles[fi].column(self.image_column)
         else:
             if fi not in self._handles:
+                import pyarrow.parquet as pq
+
                 self._handles[fi] = pq.ParquetFile(path)
             column = self._handles[fi].read_row_group(g, columns=[self.image_column]).column(0)
         column = column.combine_chunks()  # a struct {bytes, path} column stays whole: path names a bad row
