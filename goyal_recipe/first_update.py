@@ -49,8 +49,11 @@ class FirstUpdateCheck:
     """Audits a loop at its first real optimizer update and refuses silent findings (see the module docstring).
 
     `static`: returns the static findings (typically a closure over `audit(...)`), evaluated at the
-    first update. `loss_divisor`: what the engine divides the backward loss by (accelerate: its
-    gradient_accumulation_steps; DeepSpeed: its accumulation steps unless scale_wrt_gas=False).
+    first update. `loss_divisor`: what the backward divides the loss by. An integration that sees
+    its engine's backward calls (accelerate's `accelerator.backward` divides by the accumulation
+    steps, DeepSpeed's `engine.backward` too unless scale_wrt_gas=False) says it per call with
+    `record_backward`; a loss reported before that call waits for it, and one whose backward nobody
+    reported (a plain `loss.backward()`) gets `loss_divisor`, 1 by default.
     `grad_reduction`: "mean" when the gradient all-reduce averages over `world_size` ranks.
     `schedule`/`scheduler`: the LR expected at each update; `sampler`: whose epoch and offset must
     match the LR's position. `fix_loss`: the integration's advice for a wrong loss normalisation.
@@ -67,7 +70,7 @@ class FirstUpdateCheck:
         self.optimizer = _innermost_optimizer(optimizer)
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.world_size = int(world_size)
-        self.loss_divisor = loss_divisor
+        self.loss_divisor = int(loss_divisor)
         self.grad_reduction = grad_reduction
         self.static = static or (lambda: [])
         self.scheduler = unwrap_scheduler(scheduler)
@@ -78,6 +81,7 @@ class FirstUpdateCheck:
         self.accumulation_steps = int(accumulation_steps)
         self.on_remove = on_remove
         self.findings: list[Finding] | None = None  # what the first update found
+        self._pending: list[tuple[int, float]] = []  # reported losses whose backward has not said its divisor
         self._samples = 0
         self._weighted = 0.0  # sum over samples of (weight in the gradient x kn): kn x 1/kn = 1 each when right
         self._wrong = 0
@@ -90,14 +94,24 @@ class FirstUpdateCheck:
 
     # what the loop reports while it runs
     def record_loss(self, num_samples: int, scale: float) -> None:
-        if self.global_batch_size is None:
-            return
-        divisor = self.loss_divisor() if callable(self.loss_divisor) else self.loss_divisor
-        weight = float(scale) / divisor / (self.world_size if self.grad_reduction == "mean" else 1)
-        self._samples += int(num_samples)
-        self._weighted += int(num_samples) * weight * self.global_batch_size
-        self._wrong += abs(weight * self.global_batch_size - 1.0) > _WEIGHT_TOLERANCE
-        self._records += 1
+        """A loss helper's micro-batch: `num_samples` per-sample losses, each multiplied by `scale`."""
+        if self.global_batch_size is not None:
+            self._pending.append((int(num_samples), float(scale)))
+
+    def record_backward(self, loss_divisor: int) -> None:
+        """The engine's backward of the losses reported so far divides them by `loss_divisor`."""
+        self.loss_divisor = int(loss_divisor)
+        self._settle()
+
+    def _settle(self) -> None:
+        reduction = self.world_size if self.grad_reduction == "mean" else 1
+        for num_samples, scale in self._pending:
+            weight = scale / self.loss_divisor / reduction
+            self._samples += num_samples
+            self._weighted += num_samples * weight * self.global_batch_size
+            self._wrong += abs(weight * self.global_batch_size - 1.0) > _WEIGHT_TOLERANCE
+            self._records += 1
+        self._pending.clear()
 
     def record_clipping(self, max_norm: float) -> None:
         self._clip = float(max_norm)
@@ -163,6 +177,7 @@ class FirstUpdateCheck:
                     log.warning("recipe audit: %s", f)
 
     def _reduced(self) -> tuple[int, float, int, int]:
+        self._settle()  # losses whose backward no integration reported: plain loss.backward()
         values = [float(self._samples), self._weighted, float(self._wrong), float(self._records)]
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             device = next((p.device for g in self.optimizer.param_groups for p in g["params"]), torch.device("cpu"))
@@ -181,9 +196,8 @@ class FirstUpdateCheck:
         if kn is None:
             pass
         elif records == 0:
-            divisor = self.loss_divisor() if callable(self.loss_divisor) else self.loss_divisor
             # A per-micro-batch mean is right only where the engine itself divides by the accumulation steps.
-            wrong_if_mean = self.accumulation_steps > 1 and divisor != self.accumulation_steps
+            wrong_if_mean = self.accumulation_steps > 1 and self.loss_divisor != self.accumulation_steps
             findings.append(Finding(
                 "loss_unchecked",
                 "the first update's loss did not go through the recipe's loss helper, so its normalisation by kn "

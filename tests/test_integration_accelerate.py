@@ -142,7 +142,9 @@ def test_save_state_mid_epoch_then_load_state_continues_exactly(runs):
 MISTAKES = {
     "naive_loss": "loss_divided_twice",  # accumulate() + global_batch_loss: accelerate divides by A again
     "sampler_splits_too": "data_split_twice",  # a rank-splitting sampler in a prepared loader
+    "plain_backward": "loss_scale",  # recipe.loss through loss.backward(): nothing divides by A
     "clipping": "grad_clipping",  # accelerator.clip_grad_norm_
+    "clipping_by_value": "grad_clipping",  # accelerator.clip_grad_value_, its bound given by keyword
     "bn_decay": "norm_weight_decay",  # torch.optim.SGD(model.parameters(), weight_decay=...)
     "own_sampler": "sampler_not_checkpointed",  # save_state would keep the LR, not this sampler's position
     "loader_not_prepared": "data_not_split",
@@ -190,9 +192,11 @@ def _mistake(name):
                         loss = global_batch_loss(per_sample, recipe.global_batch_size, accelerator.num_processes)
                     else:
                         loss = recipe.loss(per_sample)
-                    accelerator.backward(loss)
+                    loss.backward() if name == "plain_backward" else accelerator.backward(loss)
                     if name == "clipping" and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(net.parameters(), 1.0)
+                    if name == "clipping_by_value" and accelerator.sync_gradients:
+                        accelerator.clip_grad_value_(net.parameters(), clip_value=0.5)
                     optimizer.step()
                     optimizer.zero_grad()
     except RecipeMismatch as exc:
@@ -219,6 +223,8 @@ def test_mistakes_stop_at_first_update(runs):
             assert r["error"] is not None and r["error"].startswith(f"{code}: "), (name, r)
             assert "\n" not in r["error"]
             assert r["updates"] == 0 and r["unchanged"], (name, r)
+    # recipe.loss weights each sample A / kn for accelerator.backward's division by A = 2.
+    assert "each sample's gradient carries 2 x 1/kn" in results["plain_backward"]["error"]
 
 
 if __name__ == "__main__":  # --mistakes DIR, then the example's own arguments (it ends the process group)

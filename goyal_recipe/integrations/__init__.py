@@ -67,7 +67,6 @@ class LoopRecipe:
     audit expects (None: not checked). `allow`: audit codes accepted on purpose.
     """
 
-    loss_divisor = 1  # what the engine divides the backward loss by
     fix_loss = "use recipe.loss(per_sample_loss)"
     fix_loader = ""
 
@@ -154,8 +153,10 @@ class LoopRecipe:
         self.sampler.set_epoch(epoch)
 
     # --- the loss
-    def _loss_divisor(self) -> int:
-        return self.loss_divisor
+    @property
+    def loss_divisor(self) -> int:
+        """What the loop's backward divides the loss by (plain torch: nothing)."""
+        return 1
 
     def loss(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
         """The micro-batch loss to back-propagate: the update's gradient is then the mean over its kn samples.
@@ -163,7 +164,7 @@ class LoopRecipe:
         Pass per-sample losses (`reduction="none"`). Each is weighted 1/kn, times the ranks the
         gradient all-reduce averages over, times what the engine divides the loss by (Remark 3).
         """
-        scale = self.world_size * self._loss_divisor() / self.global_batch_size
+        scale = self.world_size * self.loss_divisor / self.global_batch_size
         record_loss(per_sample_loss.numel(), scale)
         return per_sample_loss.sum() * scale
 
@@ -191,7 +192,7 @@ class LoopRecipe:
             sampler = loader_parts(loader).sampler
         self.check = FirstUpdateCheck(
             optimizer, global_batch_size=self.global_batch_size, world_size=self.world_size,
-            loss_divisor=self._loss_divisor, accumulation_steps=self.accumulation_steps,
+            accumulation_steps=self.accumulation_steps,
             static=lambda: self.findings(model, optimizer, loader, scheduler, checkpointed, grad_clip_norm),
             scheduler=scheduler if scheduler is not None else self.scheduler, sampler=sampler, allow=self.allow,
             fix_loss=self.fix_loss, on_remove=on_remove)

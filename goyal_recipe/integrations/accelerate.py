@@ -15,7 +15,7 @@ What each of accelerate's defaults does to the paper's update, and what the reci
 - `accelerator.backward` divides the loss by `gradient_accumulation_steps`, and DDP averages over
   the processes: `recipe.loss` weights each sample by processes x A / kn, so the update is the mean
   over kn (Remark 3) exactly. `global_batch_loss`, which already divides by kn, would be divided
-  twice: the first update refuses it.
+  twice, and a plain `loss.backward()` would not divide by A: the first update refuses both.
 - `prepare(loader)` shards the loader's batches over the processes (batch b to process b mod k).
   `recipe.sampler` is therefore one stream (one shuffle per epoch, Remark 4) that this sharding splits
   once, and process r's micro-batches are the blocks `goyal-train` gives rank r. A sampler that also
@@ -74,7 +74,9 @@ class AccelerateRecipe(LoopRecipe):
         self.accelerator = accelerator
         accelerator.register_for_checkpointing(self)
 
-    def _loss_divisor(self) -> int:
+    @property
+    def loss_divisor(self) -> int:
+        """`accelerator.backward` divides the loss by the accumulation steps."""
         return self.accelerator.gradient_accumulation_steps
 
     def prepare(self, model, optimizer, loader, *others):
@@ -87,13 +89,18 @@ class AccelerateRecipe(LoopRecipe):
 
     def watch(self, model, optimizer, loader=None, scheduler=None, *, checkpointed=None,
               grad_clip_norm: float | None = None, on_remove=None):
-        """Audit at the first update, with what accelerate's checkpoints save and its clipping calls seen."""
+        """Audit at the first update, with what accelerate's checkpoints save and its backward and clipping
+        calls seen (a loss back-propagated by a plain `loss.backward()` is not divided by the accumulation)."""
         accelerator = self.accelerator
-        for name in ("clip_grad_norm_", "clip_grad_value_"):
-            setattr(accelerator, name, self._seen_clipping(getattr(type(accelerator), name).__get__(accelerator)))
+        if self.check is not None:
+            self.check.remove()  # first: its on_remove undoes the instrumentation installed below
+        seen = {"backward": lambda *args, **kwargs: self.check.record_backward(self.loss_divisor),
+                "clip_grad_norm_": self._record_clipping, "clip_grad_value_": self._record_clipping}
+        for name, record in seen.items():
+            setattr(accelerator, name, self._watched(getattr(type(accelerator), name).__get__(accelerator), record))
 
         def restore():
-            for name in ("clip_grad_norm_", "clip_grad_value_"):
+            for name in seen:
                 accelerator.__dict__.pop(name, None)
 
         if checkpointed is None:
@@ -102,9 +109,13 @@ class AccelerateRecipe(LoopRecipe):
         return super().watch(model, optimizer, loader, scheduler, checkpointed=checkpointed,
                              grad_clip_norm=grad_clip_norm, on_remove=restore)
 
-    def _seen_clipping(self, clip):
-        def clipped(parameters, bound, *args, **kwargs):
+    def _watched(self, method, record):
+        def watched(*args, **kwargs):
             if self.check is not None and self.check.active:
-                self.check.record_clipping(bound)
-            return clip(parameters, bound, *args, **kwargs)
-        return clipped
+                record(*args, **kwargs)
+            return method(*args, **kwargs)
+        return watched
+
+    def _record_clipping(self, parameters, *args, **kwargs):
+        bound = args[0] if args else kwargs.get("max_norm", kwargs.get("clip_value"))
+        self.check.record_clipping(bound)

@@ -184,36 +184,12 @@ def engine_findings(engine, grad_clip_norm: float | None = None) -> list[Finding
     return findings
 
 
-class _EngineCheck(FirstUpdateCheck):
-    """The first-update check, told by `engine.backward` whether DeepSpeed divides the loss.
-
-    `global_batch_loss` reports each micro-batch before its backward, when it is not yet known whether
-    the call will be `engine.backward(loss)` (DeepSpeed divides by the accumulation steps) or
-    `engine.backward(loss, scale_wrt_gas=False)`; the report is held until that call says which.
-    """
-
-    def __init__(self, optimizer, *, accumulation_steps: int, **kwargs):
-        self._pending: list[tuple[int, float]] = []
-        self._divisor = 1
-        self._accumulation_steps = accumulation_steps
-        super().__init__(optimizer, loss_divisor=lambda: self._divisor, accumulation_steps=accumulation_steps, **kwargs)
-
-    def record_loss(self, num_samples: int, scale: float) -> None:
-        self._pending.append((num_samples, scale))
-
-    def backward_called(self, scale_wrt_gas: bool) -> None:
-        self._divisor = self._accumulation_steps if scale_wrt_gas else 1
-        for num_samples, scale in self._pending:
-            super().record_loss(num_samples, scale)
-        self._pending.clear()
-
-
-def _watch_backward(engine, check: _EngineCheck):
+def _watch_backward(engine, check: FirstUpdateCheck):
     """Tell `check` how each `engine.backward` call scales the loss, until the check is done."""
-    original = engine.backward
+    original, steps = engine.backward, engine.gradient_accumulation_steps()
 
     def backward(loss, retain_graph=False, scale_wrt_gas=True):
-        check.backward_called(scale_wrt_gas)
+        check.record_backward(steps if scale_wrt_gas else 1)
         return original(loss, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
 
     engine.backward = backward
@@ -241,10 +217,10 @@ def attach(engine, schedule: Schedule, updates_per_epoch: int, *, sampler=None, 
             bn_group_size=bn_group_size, fix_loader="one EpochShuffleSampler(num_samples, world_size, rank, "
             "batch_size=micro-batch, accumulation_steps=...) per rank, no DeepSpeed training_data")
 
-    check = _EngineCheck(scheduler.optimizer, accumulation_steps=steps, global_batch_size=kn, world_size=world,
-                         grad_reduction="mean", static=static, scheduler=scheduler, sampler=sampler, allow=allow,
-                         fix_loss="call goyal_recipe.integrations.deepspeed.backward(engine, per_sample_loss), or "
-                                  "engine.backward(global_batch_loss(...), scale_wrt_gas=False)")
+    check = FirstUpdateCheck(scheduler.optimizer, accumulation_steps=steps, global_batch_size=kn, world_size=world,
+                             grad_reduction="mean", static=static, scheduler=scheduler, sampler=sampler, allow=allow,
+                             fix_loss="call goyal_recipe.integrations.deepspeed.backward(engine, per_sample_loss), or "
+                                      "engine.backward(global_batch_loss(...), scale_wrt_gas=False)")
     check.on_remove = _watch_backward(engine, check)
     return scheduler
 
