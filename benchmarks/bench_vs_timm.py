@@ -45,10 +45,11 @@ import time
 from pathlib import Path
 
 import common
-from bench_train import per_update
+from bench_train import step_series
 
 from goyal_recipe.config import load_config, plan_batches
 from goyal_recipe.data import generate_dataset
+from goyal_recipe.metrics import ThroughputMeter
 
 # Each preset: the goyal-train recipe and overrides, and the generated data set both programs read.
 PRESETS = {
@@ -304,15 +305,12 @@ def _last(lines, pattern) -> float | None:
 
 
 def goyal_series(run_dir: Path) -> tuple[list[float], list[float], float | None]:
-    """Per-update (time, data wait) from metrics.jsonl step records, and the last epoch's val top-1 error."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r.get("kind") == "step"]
-    if [r["update"] for r in steps] != list(range(1, len(steps) + 1)):
-        raise SystemExit(f"{run_dir}/metrics.jsonl: expected a step record for every update (run.log_every_updates=1)")
-    window = 50  # the trainer's ThroughputMeter window
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    error = epochs[-1].get("val_top1_error") if epochs else None
-    return per_update(steps, "step_s", window), per_update(steps, "data_wait_s", window), error
+    """Per-update (time, data wait) from metrics.jsonl step records as bench_train reads them (the
+    trainer's ThroughputMeter window), and the last epoch's val top-1 error."""
+    metrics = run_dir / "metrics.jsonl"
+    times, waits, _ = step_series(metrics, ThroughputMeter().window)
+    epochs = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("kind") == "epoch"]
+    return times, waits, epochs[-1].get("val_top1_error") if epochs else None
 
 
 def timm_series(lines: list[tuple[float, str]]) -> tuple[list[float], list[float]]:
