@@ -56,17 +56,18 @@ class FirstUpdateCheck:
     reported (a plain `loss.backward()`) gets `loss_divisor`, 1 by default.
     `grad_reduction`: "mean" when the gradient all-reduce averages over `world_size` ranks.
     `schedule`/`scheduler`: the LR expected at each update; `sampler`: whose epoch and offset must
-    match the LR's position. `fix_loss`: the integration's advice for a wrong loss normalisation.
-    `accumulation_steps`: micro-batches per update (a loss the check did not see is refused when a
-    per-micro-batch mean would be wrong). `on_remove`: called once the hooks are gone (to undo an
-    integration's own instrumentation).
+    match the LR's position; `data_skipped`: samples of the sampler's epoch that the loader skips
+    past the sampler's own offset (Trainer resumes mid-epoch by skipping batches). `fix_loss`: the
+    integration's advice for a wrong loss normalisation. `accumulation_steps`: micro-batches per
+    update (a loss the check did not see is refused when a per-micro-batch mean would be wrong).
+    `on_remove`: called once the hooks are gone (to undo an integration's own instrumentation).
     """
 
     def __init__(self, optimizer, *, global_batch_size: int | None = None, world_size: int = 1, loss_divisor: int = 1,
                  grad_reduction: str = "mean", static: Callable[[], list[Finding]] | None = None,
                  scheduler=None, schedule: Schedule | None = None, sampler=None, allow: Iterable[str] = (),
                  fix_loss: str = "normalise each micro-batch's per-sample losses with global_batch_loss",
-                 accumulation_steps: int = 1, on_remove: Callable[[], None] | None = None):
+                 accumulation_steps: int = 1, on_remove: Callable[[], None] | None = None, data_skipped: int = 0):
         self.optimizer = _innermost_optimizer(optimizer)
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.world_size = int(world_size)
@@ -76,6 +77,7 @@ class FirstUpdateCheck:
         self.scheduler = unwrap_scheduler(scheduler)
         self.schedule = schedule if schedule is not None else getattr(self.scheduler, "schedule", None)
         self.sampler = sampler
+        self.data_skipped = int(data_skipped)
         self.allow = tuple(allow)
         self.fix_loss = fix_loss
         self.accumulation_steps = int(accumulation_steps)
@@ -244,16 +246,17 @@ class FirstUpdateCheck:
             epoch = getattr(sampler, "epoch", None)
             if epoch is not None:
                 in_epoch = update % upe
-                start = getattr(sampler, "start", 0)
+                start = getattr(sampler, "start", 0) + self.data_skipped
+                positioned = hasattr(sampler, "start") or self.data_skipped > 0  # the data can start mid-epoch
                 kn = self.global_batch_size or self.schedule.global_batch_size
                 per_update = kn // _sampler_replicas(sampler)
-                if epoch != update // upe or (hasattr(sampler, "start") and start != in_epoch * per_update):
+                if epoch != update // upe or (positioned and start != in_epoch * per_update):
                     findings.append(Finding(
                         "data_position",
                         f"the LR is at update {update} (epoch {update // upe}, update {in_epoch} of {upe}) but the "
                         f"data at epoch {epoch}, sample {start} of this rank: a resume restored one and not the "
                         "other; checkpoint the recipe's state (scheduler and sampler) and restore both", True))
-                elif in_epoch and not hasattr(sampler, "start"):
+                elif in_epoch and not positioned:
                     findings.append(Finding(
                         "data_position",
                         f"resumed at update {in_epoch} of epoch {update // upe}, but {type(sampler).__name__} "

@@ -286,6 +286,10 @@ def test_resume_that_restores_the_lr_and_not_the_data():
                             "sample 0") and not moved
     _, error, _ = first_update(lambda losses: global_batch_loss(losses, 64), scheduler_state=state, sampler_epoch=0)
     assert "data at epoch 0" in error
+    # A loader that skips the resumed epoch's first 2 updates past the sampler's offset 0 (Trainer's resume).
+    checker, error, moved = first_update(lambda losses: global_batch_loss(losses, 64), scheduler_state=state,
+                                         data_skipped=2 * 64)
+    assert error is None and moved and checker.findings == []
 
 
 def test_resume_mid_epoch_with_a_sampler_that_cannot_start_there():

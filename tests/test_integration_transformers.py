@@ -74,10 +74,10 @@ def worker(out: Path) -> None:
     trainer.train()
     example.main(["--output-dir", str(out / "resume_run"), "--resume", "--record", str(out / "resumed")])
 
-    def mistake(name, run):
+    def mistake(name, run, resume=None):
         try:
             trainer = run(out / name)
-            trainer.train()
+            trainer.train(resume_from_checkpoint=resume)
             result = {"error": None, "updates": trainer.state.global_step}
             save_weights(trainer, out / f"{name}.safetensors")
         except RecipeMismatch as e:
@@ -121,6 +121,10 @@ def worker(out: Path) -> None:
                                      dataset=example.GeneratedImages(dtype=torch.float64))
 
     mistake("global_batch_loss_in_model", loss_in_model)
+
+    # Trainer's resume without its batch skipping: the LR resumes at update 2, the data at the epoch's first sample.
+    mistake("resume_ignoring_data_skip", lambda d: example.build_trainer(d, ignore_data_skip=True),
+            resume=str(out / "resume_run" / "checkpoint-2"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,6 +245,14 @@ def test_mistakes_stop_at_the_first_update(trainer_runs, name, message):
     assert result["error"] is not None and result["error"].startswith(message), result["error"]
     assert "\n" not in result["error"]
     assert result["updates"] == 0
+
+
+def test_resume_that_ignores_the_data_skip_stops_at_its_first_update(trainer_runs):
+    result = json.loads((trainer_runs / "resume_ignoring_data_skip.json").read_text())
+    assert result["error"] is not None and result["error"].startswith(
+        "data_position: the LR is at update 2 (epoch 0, update 2 of 3) but the data at epoch 0, sample 0 "), result
+    assert "\n" not in result["error"]
+    assert result["updates"] == 2  # the restored count: no update after the resume
 
 
 def test_global_batch_loss_inside_the_model_is_not_used(trainer_runs):

@@ -22,7 +22,8 @@ What it changes in Trainer's defaults, and why:
 At the first update the recipe audit runs on what Trainer assembled (optimizer, scheduler, loader) and
 a silent departure stops the run with a one-line `RecipeMismatch`. Checkpoints are Trainer's own:
 `scheduler.pt` holds GoyalLR's update count, and resume repositions the data by Trainer's batch skipping
-over the same per-epoch permutation.
+over the same per-epoch permutation (with `ignore_data_skip=True` the resumed epoch would start again at
+its first sample: refused at the first update).
 """
 
 from __future__ import annotations
@@ -188,13 +189,14 @@ class _RecipeAudit(TrainerCallback):
                 global_batch_size=kn, world_size=world, accumulation_steps=steps, per_device_batch_size=n,
                 bn_group_size=trainer.bn_group_size, fix_loader=_FIX_SAMPLER, allow=trainer.allow)
 
-        # After a resume inside an epoch Trainer skips the epoch's first batches in the loader and the
-        # sampler's own offset stays 0: its position is then Trainer's to keep, not the sampler's.
-        goyal = lr_scheduler if isinstance(lr_scheduler, GoyalLR) else None
-        mid_epoch = goyal is not None and goyal.updates_done % goyal.updates_per_epoch != 0
+        # A resume inside an epoch: Trainer skips the epoch's first batches in the loader (its own count,
+        # unless ignore_data_skip), past the sampler's offset 0, in the one stream its sharding splits.
+        skipped_batches = 0 if args.ignore_data_skip else (
+            state.global_step % (len(train_dataloader) // steps) * steps)
         FirstUpdateCheck(optimizer, global_batch_size=kn, world_size=world, grad_reduction="mean", static=static,
-                         scheduler=lr_scheduler, sampler=None if mid_epoch else trainer.recipe_sampler,
-                         allow=trainer.allow, fix_loss="leave GoyalTrainer.compute_loss in place")
+                         scheduler=lr_scheduler, sampler=trainer.recipe_sampler,
+                         data_skipped=skipped_batches * n * world, allow=trainer.allow,
+                         fix_loss="leave GoyalTrainer.compute_loss in place")
 
 
 def trainer_findings(args, grad_clip_norm: float | None = None) -> list[Finding]:
