@@ -141,11 +141,6 @@ class GhostBatchNormAct2d(GhostBatchNorm2d):
         return self.act(self.drop(super().forward(x)))
 
 
-def is_ghost_bn(module: nn.Module) -> bool:
-    """Whether `module` takes its training statistics over groups (`GhostBatchNorm2d` or a variant)."""
-    return isinstance(module, GhostBatchNorm2d)
-
-
 def _checked_group_size(group_size: int) -> int:
     if int(group_size) != group_size or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size}")
