@@ -72,7 +72,8 @@ class NoiseScaleMeter:
         self.micro_batch_size, self.global_batch_size = plan.per_device_batch_size, plan.global_batch_size
         self.pairs = plan.world_size * plan.accumulation_steps
         self.params = [p for p in engine.unwrap(model).parameters() if p.requires_grad]
-        self.tracker = GradientNoiseScale(ema_decay)
+        self._tracker = GradientNoiseScale(ema_decay)
+        self._pending: list[torch.Tensor] = []  # [small sum, |G_big|^2] of measured updates not read yet
         self.norms = BackwardGradNorms(self.params)
         # global_batch_loss multiplies each micro-batch's per-sample mean by n x world_size / kn ("mean"
         # reduction) or n / kn ("sum"): undo it to get the squared norm of the n-image mean gradient.
@@ -88,12 +89,24 @@ class NoiseScaleMeter:
             return own(self.model, after_step)
         return None if after_step else grad_sq_norm(self.params)
 
-    def update(self, small_sq_sum: float, big_sq_norm) -> None:
-        if big_sq_norm is None:
-            return
-        small, big = small_sq_sum * self.small_factor, float(big_sq_norm)
-        if math.isfinite(small) and math.isfinite(big):
-            self.tracker.update(small, self.micro_batch_size, big, self.global_batch_size)
+    def record(self, small_sq_sum: torch.Tensor, big_sq_norm) -> None:
+        """Keep an applied update's squared norms where they are (on the device): they are read when the
+        averages are (`tracker`: a step record, the epoch line, a checkpoint), so measuring adds no host sync
+        to the update."""
+        if big_sq_norm is not None:
+            self._pending.append(torch.stack([small_sq_sum.double(), torch.as_tensor(
+                big_sq_norm, dtype=torch.float64, device=small_sq_sum.device).reshape(())]))
+
+    @property
+    def tracker(self) -> GradientNoiseScale:
+        """The averages, with the updates recorded since the last read folded in, in order (one copy to the host)."""
+        if self._pending:
+            pending, self._pending = torch.stack(self._pending).tolist(), []
+            for small_sq_sum, big in pending:
+                small = small_sq_sum * self.small_factor
+                if math.isfinite(small) and math.isfinite(big):
+                    self._tracker.update(small, self.micro_batch_size, big, self.global_batch_size)
+        return self._tracker
 
     def fields(self) -> dict:
         """The step record's keys: B_simple in images, and the averaged |G|^2 and tr(Sigma) it divides."""
@@ -104,12 +117,13 @@ class NoiseScaleMeter:
 
     def summary(self) -> str | None:
         """One line at an epoch's end: kn against the measured B_simple (the critical batch it approximates)."""
-        kn, b_simple = self.global_batch_size, self.tracker.b_simple
-        if not self.tracker.updates:
+        t = self.tracker
+        kn, b_simple = self.global_batch_size, t.b_simple
+        if not t.updates:
             return None
         if b_simple is None:  # single estimates can be negative; so can short averages
-            return (f"noise scale: not resolved yet (averaged |G|^2 = {self.tracker.grad_sq:.3g}, tr(Sigma) = "
-                    f"{self.tracker.trace_sigma:.3g}: too few updates to average out their noise); kn = {kn}")
+            return (f"noise scale: not resolved yet (averaged |G|^2 = {t.grad_sq:.3g}, tr(Sigma) = "
+                    f"{t.trace_sigma:.3g}: too few updates to average out their noise); kn = {kn}")
         # McCandlish et al.: updates to a given loss S = S_min (1 + B_noise / B), with B_simple for B_noise.
         ratio = kn / b_simple
         doubled = (1 + b_simple / (2 * kn)) / (1 + b_simple / kn)
@@ -165,6 +179,7 @@ class TrainStep:
         `poison` makes this rank's loss NaN (fault injection)."""
         engine, plan, device = self.engine, self.plan, self.engine.device
         stats = torch.zeros(4, dtype=torch.float64, device=device)
+        images_used = bad_images = 0  # counted on the host from the loader's CPU tensors
         indices: list[int] = []
         self.norm_statistics.save()
         # Every N-th applied update (the same on every rank: the collective below changes shape with it).
@@ -186,11 +201,13 @@ class TrainStep:
                     per_sample = per_sample * float("nan")
                 engine.backward(global_batch_loss(per_sample, plan.global_batch_size, engine.world_size,
                                                   engine.grad_reduction))
-            stats += torch.stack([per_sample.detach().sum().double(),
-                                  topk_correct(logits.detach(), labels, ks=(1,))[0].double(),
-                                  torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-                                  bad.to(device).sum().double()])
+            stats[:2] += torch.stack([per_sample.detach().sum().double(),
+                                      topk_correct(logits.detach(), labels, ks=(1,))[0]])
+            images_used += labels.numel()
+            bad_images += int(bad.sum())
             indices += index.tolist()
+        # Written as scalars, not copied from the host: a blocking copy to CUDA waits for the kernels queued.
+        stats[2], stats[3] = images_used, bad_images
         lr = self.scheduler.lr_at(self.scheduler.updates_done)
         local = torch.isfinite(stats[0]) & engine.grads_finite(self.model).to(device)
         if noise is None:
@@ -209,7 +226,7 @@ class TrainStep:
         if applied:
             self.scheduler.step()
             if noise is not None:
-                noise.update(float(reduced[1]), big_sq_norm if big_sq_norm is not None
+                noise.record(reduced[1], big_sq_norm if big_sq_norm is not None
                              else noise.reduced_sq_norm(after_step=True))
         else:
             self.norm_statistics.restore()

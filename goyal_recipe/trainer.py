@@ -260,13 +260,13 @@ class Trainer:
 
     def _log_step(self, epoch: int, window: torch.Tensor, lr: float) -> None:
         loss = float(window[0] / window[2])
-        U, meter = self.updates_per_epoch, self.meter
+        U, meter, noise = self.updates_per_epoch, self.meter, self.train_step.noise_fields()
         record = {"kind": "step", "update": self.update, "epoch": self.update / U, "loss": loss, "lr": lr,
                   "bad_images": int(window[3]),
                   "images_per_s": meter.images_per_s, "data_wait_s": meter.mean_data_wait_s,
-                  "step_s": meter.mean_step_s, **self.train_step.noise_fields(), "time": time.time()}
+                  "step_s": meter.mean_step_s, **noise, "time": time.time()}
         self.metrics.write(record)
-        noise = {f"train/{k}": v for k, v in self.train_step.noise_fields().items() if v is not None}
+        noise = {f"train/{k}": v for k, v in noise.items() if v is not None}
         self.engine.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": meter.images_per_s, **noise},
                         self.update)
         self._print(format_step_line(epoch + 1, self.cfg.optim.epochs, self.update - epoch * U, U, loss, lr,
@@ -306,8 +306,9 @@ class Trainer:
         self.metrics.write(record)
         engine.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)}, self.update)
         self._print(format_epoch_line(record, cfg.optim.epochs))
-        if self.train_step.noise_summary():
-            self._print(self.train_step.noise_summary())
+        noise = self.train_step.noise_summary()
+        if noise:
+            self._print(noise)
         self.progress.new_epoch()  # before the checkpoint: a resume at the epoch's end starts the next one at zero
         self._checkpoint()
         self.meter.reset_clock()

@@ -10,9 +10,11 @@ from torch import nn
 from _runs import EPOCHS, RECIPE, UPDATES_PER_EPOCH, overrides, records, train
 from goyal_recipe import GradientNoiseScale, Schedule, noise_scale_estimates
 from goyal_recipe.config import BatchPlan, load_config
+from goyal_recipe.engines.base import Engine
 from goyal_recipe.errors import UserError
+from goyal_recipe.lr import GoyalLR
 from goyal_recipe.noise_scale import BackwardGradNorms, grad_sq_norm
-from goyal_recipe.step import noise_scale_meter
+from goyal_recipe.step import TrainStep, noise_scale_meter
 
 NOISE_KEYS = ("noise_scale", "noise_grad_sq", "noise_trace_sigma")
 
@@ -210,3 +212,69 @@ def test_deepspeed_launcher_two_processes_same_noise_scale(noise_runs, data_root
     train(overrides(data_root, tmp_path, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1,
                                                       "run.max_updates": 1, **EVERY_UPDATE}), launcher="deepspeed")
     assert_same_noise(tmp_path / "zero1", out / "one", updates=1)
+
+
+class _OneProcess(Engine):
+    """The engine contract on one CPU process, without a framework: what TrainStep calls, nothing more."""
+
+    device, precision, rank, world_size, grad_reduction = torch.device("cpu"), "fp32", 0, 1, "mean"
+
+    def unwrap(self, model):
+        return model
+
+    def backward(self, loss):
+        loss.backward()
+
+    def all_reduce_sum(self, tensor):
+        return tensor.clone()
+
+    def step(self, model, optimizer):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def skip(self, model, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+
+
+class _HostTensor(torch.Tensor):
+    """The loader's CPU tensors (sample indices, bad flags): reading them on the host waits for no device."""
+
+
+def test_an_update_reads_one_device_value_on_the_host(monkeypatch):
+    """On CUDA every read of a device value on the host waits for the kernels queued before it. An update reads
+    one, the finiteness verdict, measured by the noise scale or not; the measured squared norms stay on the
+    device until the averages are read (one copy for all the updates recorded since)."""
+    cfg = load_config(RECIPE, ["run.noise_scale_every_updates=2"])
+    plan = BatchPlan(global_batch_size=16, per_device_batch_size=8, world_size=1, accumulation_steps=2,
+                     bn_group_size=8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = GoyalLR(optimizer, Schedule(global_batch_size=16, warmup="none", decay="none", epochs=1), 4)
+    train_step = TrainStep(cfg, _OneProcess(), plan, model, optimizer, scheduler)
+    batches = iter([(torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,)),
+                     torch.arange(8 * i, 8 * i + 8).as_subclass(_HostTensor),
+                     torch.tensor([0] * 7 + [i % 2]).as_subclass(_HostTensor)) for i in range(6)])
+    reads = []
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            if type(self) is torch.Tensor:
+                reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for update in range(3):  # measured, not measured, measured
+        reads.clear()
+        stats, _, applied, indices = train_step(batches)
+        assert applied and reads == ["__bool__"], (update, reads)
+        assert indices == list(range(16 * update, 16 * update + 16))
+        assert stats[2:].tolist() == [16.0, 1.0]  # images, and the bad flag of the update's second micro-batch
+    reads.clear()
+    fields = train_step.noise_fields()
+    assert reads == ["tolist"] and train_step.noise.tracker.updates == 2
+    assert fields["noise_scale"] is None or fields["noise_scale"] > 0
+    assert fields["noise_grad_sq"] == train_step.noise.tracker.grad_sq

@@ -84,7 +84,9 @@ class Engine:
     def grads_finite(self, model) -> torch.Tensor:
         """This rank's verdict before the update: are all gradients in .grad finite?"""
         grads = [p.grad for p in self.unwrap(model).parameters() if p.grad is not None]
-        return torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+        if not grads:  # made on the device: a host tensor's blocking copy there would wait for the queued kernels
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
     def average_buffers(self, model) -> None:
         """Average floating-point buffers (BN running statistics of per-worker BN) over ranks."""

@@ -172,7 +172,7 @@ class DeepSpeedEngine(Engine):
         overflow check and clipping (`get_global_grad_norm`, read after the step)."""
         if self._engine.zero_optimization():
             norm = self._engine.get_global_grad_norm() if after_step else None
-            return None if norm is None else float(norm) ** 2
+            return None if norm is None else norm ** 2  # a tensor on the device: read with the averages
         return None if after_step else grad_sq_norm(self.unwrap(model).parameters())
 
     def save_state(self, directory: Path, model, optimizer) -> None:
