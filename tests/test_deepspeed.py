@@ -106,9 +106,12 @@ def test_ds_config_follows_the_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("user,error", [
-    ({"communication_data_type": "fp32", "train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": 5e7}},
-     None),
+    ({"communication_data_type": "fp32", "train_batch_size": "auto", "gradient_clipping": "auto",
+      "zero_optimization": {"reduce_bucket_size": 5e7}}, None),
     ({"train_batch_size": 4096}, "sets train_batch_size=4096 but the recipe gives 8192"),
+    # The update the paper makes does not clip: a file's clipping is refused, not merged over the recipe's 0.
+    ({"gradient_clipping": 1.0}, "sets gradient_clipping=1.0 but the recipe gives 0.0; remove it from the file and "
+                                 "set optim.grad_clip_norm"),
     ({"optimizer": {"type": "Adam"}}, "sets 'optimizer', which the recipe owns"),
     ({"bf16": {"enabled": True}}, "sets 'bf16', which the recipe owns; remove it and set model.precision"),
     ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2 but the recipe has deepspeed.zero_stage=0"),
@@ -120,6 +123,7 @@ def test_user_ds_config_file(tmp_path, user, error):
     if error is None:
         config = ds_config(cfg, world_size=8)
         assert config["communication_data_type"] == "fp32" and config["train_batch_size"] == 8192
+        assert config["gradient_clipping"] == 0.0
         assert config["zero_optimization"] == {"reduce_bucket_size": 5e7, "stage": 0}
     else:
         with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):

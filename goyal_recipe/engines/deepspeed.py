@@ -34,7 +34,10 @@ from ..noise_scale import grad_sq_norm
 from ..checkpoint import CheckpointError
 from .base import Engine, TrainingDiverged, check_elastic_restart
 
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# Fields of the update a user file may repeat ("auto" or the recipe's value) but not change; the recipe's key.
+_RECIPE_SET = {"train_batch_size": "batch.global_batch_size", "train_micro_batch_size_per_gpu":
+               "batch.per_device_batch_size", "gradient_accumulation_steps": "batch.global_batch_size / "
+               "batch.per_device_batch_size", "gradient_clipping": "optim.grad_clip_norm"}
 _RECIPE_OWNED = {"optimizer": "optim.*", "scheduler": "optim.* (GoyalLR)", "fp16": "model.precision",
                  "bf16": "model.precision", "amp": "model.precision"}
 _TAG = "deepspeed"
@@ -43,7 +46,8 @@ _TAG = "deepspeed"
 def ds_config(cfg: RecipeConfig, world_size: int) -> dict:
     """The ds_config of a recipe: the batch chain as DeepSpeed asserts it, ZeRO stage, no clipping.
 
-    A user file (`deepspeed.config_file`) adds fields; one that contradicts the recipe is an error.
+    A user file (`deepspeed.config_file`) adds fields (merged as the integration's `ds_config` merges
+    its `extra`); one that contradicts the recipe is an error naming the recipe key to set instead.
     """
     plan = plan_batches(cfg, world_size)
     config = recipe_ds_config(plan.global_batch_size, plan.per_device_batch_size, world_size,
@@ -55,10 +59,10 @@ def ds_config(cfg: RecipeConfig, world_size: int) -> dict:
         user = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"deepspeed.config_file={path} cannot be read as JSON ({e}); fix or remove it") from None
-    for key in _BATCH_KEYS:
+    for key, setting in _RECIPE_SET.items():
         if key in user and user[key] != "auto" and user[key] != config[key]:
             raise ConfigError(f"deepspeed.config_file sets {key}={user[key]} but the recipe gives {config[key]}; "
-                              "remove it from the file and set batch.global_batch_size / batch.per_device_batch_size")
+                              f"remove it from the file and set {setting}")
     for key, owner in _RECIPE_OWNED.items():
         if key in user and (not isinstance(user[key], dict) or user[key].get("enabled", True)):
             raise ConfigError(f"deepspeed.config_file sets {key!r}, which the recipe owns; remove it and set {owner}")
@@ -66,9 +70,9 @@ def ds_config(cfg: RecipeConfig, world_size: int) -> dict:
     if stage != cfg.deepspeed.zero_stage:
         raise ConfigError(f"deepspeed.config_file sets zero_optimization.stage={stage} but the recipe has "
                           f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; set it in one place")
-    merged = {**config, **{k: v for k, v in user.items() if k not in _BATCH_KEYS}}
-    merged["zero_optimization"] = {**user.get("zero_optimization", {}), **config["zero_optimization"]}
-    return merged
+    return recipe_ds_config(plan.global_batch_size, plan.per_device_batch_size, world_size,
+                            zero_stage=cfg.deepspeed.zero_stage, grad_clip_norm=cfg.optim.grad_clip_norm,
+                            **{k: v for k, v in user.items() if k not in _RECIPE_SET})
 
 
 def _single_process_env() -> None:
