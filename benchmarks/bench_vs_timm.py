@@ -29,7 +29,6 @@ data waits) and its summary.csv (eval_top1). Ratios are goyal / timm, paired per
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json

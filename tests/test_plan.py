@@ -10,7 +10,7 @@ from goyal_recipe.plan import (IMAGENET_TRAIN_IMAGES, RESNET50_PARAMETERS, Clust
                                allreduce_s, bucket_sizes, exposed_allreduce_s, parameter_count, plan_row,
                                plan_table, read_noise_scale, rhd_allreduce_s, ring_allreduce_s,
                                updates_over_minimum, updates_saved_by_doubling)
-from goyal_recipe.plan_cli import BIG_BASIN, DGX_A100, PAPER_MEASURED, PRESETS, PUBLISHED_THROUGHPUT, main
+from goyal_recipe.plan_cli import DGX_A100, PAPER_MEASURED, PRESETS, PUBLISHED_THROUGHPUT, main
 
 N = 1e8  # bytes
 TWO_NODES = Cluster(gpus_per_node=8, intra_bytes_per_s=20e9, intra_latency_s=5e-6,
