@@ -17,33 +17,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from goyal_recipe import Schedule, build_optimizer
+from goyal_recipe import build_optimizer
 from goyal_recipe.integrations.accelerate import AccelerateRecipe
 
-NUM_SAMPLES, FEATURES, CLASSES = 128, 6, 3
+from example_data import dataset, model, schedule  # beside this file: generated data, an MLP with BN, its LRs
+
 GLOBAL_BATCH_SIZE, PER_DEVICE_BATCH_SIZE = 32, 8  # kn and n
-
-
-def dataset(dtype=torch.float32) -> TensorDataset:
-    """Generated classification data; the third column is each sample's index."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(NUM_SAMPLES, FEATURES, generator=generator, dtype=torch.float64)
-    y = (x[:, :CLASSES] + 0.5 * torch.randn(NUM_SAMPLES, CLASSES, generator=generator, dtype=torch.float64)).argmax(1)
-    return TensorDataset(x.to(dtype), y, torch.arange(NUM_SAMPLES))
-
-
-def model(dtype=torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, CLASSES)).to(dtype)
-
-
-def schedule() -> Schedule:
-    # eta = 0.1 per 8 samples scaled to kn = 32: 0.4, reached after 1 epoch; x0.1 at epoch 2 of 3.
-    return Schedule(global_batch_size=GLOBAL_BATCH_SIZE, base_lr=0.1, base_batch_size=8, warmup_epochs=1,
-                    milestones=(2,), epochs=3)
 
 
 def main(argv=None) -> None:
@@ -64,7 +45,7 @@ def main(argv=None) -> None:
     accelerator = Accelerator(gradient_accumulation_steps=GLOBAL_BATCH_SIZE // (PER_DEVICE_BATCH_SIZE * processes),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     data = dataset(dtype)
-    recipe = AccelerateRecipe(accelerator, schedule(), num_samples=len(data),
+    recipe = AccelerateRecipe(accelerator, schedule(GLOBAL_BATCH_SIZE), num_samples=len(data),
                               per_device_batch_size=PER_DEVICE_BATCH_SIZE, bn_group_size=PER_DEVICE_BATCH_SIZE)
     net = model(dtype)
     loader = DataLoader(data, batch_size=PER_DEVICE_BATCH_SIZE, sampler=recipe.sampler)

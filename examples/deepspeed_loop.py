@@ -13,7 +13,6 @@ instead of a ds_config scheduler, and one EpochShuffleSampler per rank instead o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,21 +20,13 @@ import deepspeed
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from goyal_recipe import EpochShuffleSampler, Schedule, build_optimizer, use_ghost_batchnorm, zero_init_last_bn
+from goyal_recipe import EpochShuffleSampler, build_optimizer, use_ghost_batchnorm, zero_init_last_bn
 from goyal_recipe.errors import UserError
 from goyal_recipe.integrations import deepspeed as goyal_ds
 
-
-def make_dataset(num_samples: int = 96, num_classes: int = 4, image_size: int = 16, seed: int = 0) -> TensorDataset:
-    """Random images whose class shifts the mean of one colour channel, with each sample's index."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(num_classes, (num_samples,), generator=generator)
-    images = torch.randn(num_samples, 3, image_size, image_size, generator=generator)
-    images[:, 0] += labels.float().view(-1, 1, 1) - num_classes / 2
-    return TensorDataset(images, labels, torch.arange(num_samples))
+from example_data import generated_images, image_schedule, write_record  # beside this file
 
 
 def make_model(num_classes: int = 4, bn_group_size: int = 4, seed: int = 0) -> torch.nn.Module:
@@ -45,12 +36,6 @@ def make_model(num_classes: int = 4, bn_group_size: int = 4, seed: int = 0) -> t
     zero_init_last_bn(model)
     use_ghost_batchnorm(model, group_size=bn_group_size)
     return model
-
-
-def make_schedule(global_batch_size: int, epochs: int) -> Schedule:
-    """Linear scaling from 0.1 per 16 samples, gradual warmup over the first epoch, x0.1 after 1.5 epochs."""
-    return Schedule(global_batch_size=global_batch_size, base_lr=0.1, base_batch_size=16, warmup_epochs=1,
-                    milestones=(1.5,), epochs=epochs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
 
     deepspeed.init_distributed()
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    dataset = make_dataset(seed=args.seed)
+    pixels, labels = generated_images(seed=args.seed)
+    dataset = TensorDataset(pixels, labels, torch.arange(len(labels)))  # with each sample's index
     accumulation_steps = kn // (n * world)
     sampler = EpochShuffleSampler(len(dataset), world, rank, seed=args.seed, batch_size=n,
                                   accumulation_steps=accumulation_steps)
@@ -76,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     model = make_model(seed=args.seed)
     engine, _, scheduler = goyal_ds.initialize(
         model, build_optimizer(model, "sgd", nesterov=True, weight_decay=1e-4),  # no decay on BN
-        schedule=make_schedule(kn, args.epochs), updates_per_epoch=len(dataset) // kn, per_device_batch_size=n,
+        schedule=image_schedule(kn, args.epochs), updates_per_epoch=len(dataset) // kn, per_device_batch_size=n,
         zero_stage=args.zero_stage, sampler=sampler, bn_group_size=4)
 
     lrs, updates, indices = [], [], []
@@ -99,11 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"epoch {epoch}: {scheduler.updates_done} updates, lr {lrs[-1]:.4f}", flush=True)
 
     if args.record:
-        args.record.mkdir(parents=True, exist_ok=True)
-        (args.record / f"rank{rank}.json").write_text(json.dumps({"world_size": world, "lr": lrs, "indices": updates}))
-        if rank == 0:
-            save_file({k: v.detach().contiguous() for k, v in engine.module.state_dict().items()},
-                      str(args.record / "model.safetensors"))
+        write_record(args.record, rank, {"world_size": world, "lr": lrs, "indices": updates},
+                     engine.module.state_dict() if rank == 0 else None)
     torch.distributed.barrier()
 
 

@@ -12,29 +12,23 @@ max_grad_norm=0 (Trainer clips at 1.0 by default, the paper does not clip).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TrainingArguments
 
-from goyal_recipe import Schedule
 from goyal_recipe.errors import UserError
 from goyal_recipe.integrations.transformers import GoyalTrainer
 
+from example_data import generated_images, image_schedule, write_record  # beside this file
+
 
 class GeneratedImages(torch.utils.data.Dataset):
-    """Random images whose class shifts the mean of one colour channel; records which indices were read."""
+    """`example_data.generated_images` as Trainer's dict samples; records which indices were read."""
 
-    def __init__(self, num_samples: int = 96, num_classes: int = 4, image_size: int = 16, seed: int = 0,
-                 dtype: torch.dtype = torch.float32):
-        generator = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(num_classes, (num_samples,), generator=generator)
-        self.images = torch.randn(num_samples, 3, image_size, image_size, generator=generator)
-        self.images[:, 0] += self.labels.float().view(-1, 1, 1) - num_classes / 2
-        self.images = self.images.to(dtype)
+    def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float32):
+        self.images, self.labels = generated_images(seed=seed, dtype=dtype)
         self.read: list[int] = []
 
     def __len__(self) -> int:
@@ -52,12 +46,6 @@ def make_model(num_classes: int = 4, seed: int = 0) -> TimmWrapperForImageClassi
     return TimmWrapperForImageClassification(config)
 
 
-def make_schedule(global_batch_size: int, epochs: int) -> Schedule:
-    """Linear scaling from 0.1 per 16 samples, gradual warmup over the first epoch, x0.1 after 1.5 epochs."""
-    return Schedule(global_batch_size=global_batch_size, base_lr=0.1, base_batch_size=16, warmup_epochs=1,
-                    milestones=(1.5,), epochs=epochs)
-
-
 def training_arguments(output_dir: str | Path, **overrides) -> TrainingArguments:
     values = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, num_train_epochs=2,
                   max_grad_norm=0.0,  # Trainer's default 1.0 clips; the paper does not
@@ -72,7 +60,7 @@ def build_trainer(output_dir: str | Path, *, trainer_class=GoyalTrainer, model=N
     kn = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     return trainer_class(model=make_model() if model is None else model, args=args,
                          train_dataset=GeneratedImages() if dataset is None else dataset,
-                         schedule=make_schedule(kn, int(args.num_train_epochs)), bn_group_size=4)
+                         schedule=image_schedule(kn, int(args.num_train_epochs)), bn_group_size=4)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,14 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     if args.record:
-        rank = trainer.args.process_index
-        args.record.mkdir(parents=True, exist_ok=True)
         lrs = [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry]
-        (args.record / f"rank{rank}.json").write_text(json.dumps(
-            {"world_size": trainer.args.world_size, "lr": lrs, "read": trainer.train_dataset.read}))
-        if trainer.is_world_process_zero():
-            save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()},
-                      str(args.record / "model.safetensors"))
+        write_record(args.record, trainer.args.process_index,
+                     {"world_size": trainer.args.world_size, "lr": lrs, "read": trainer.train_dataset.read},
+                     trainer.model.state_dict() if trainer.is_world_process_zero() else None)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The example `examples/accelerate_loop.py` runs in float64: the LR of every update on both ranks is the
 schedule's, each epoch uses every sample once in the blocks `goyal-train` gives each rank, and the
 parameters after 3 updates (and at the end) are those of one process stepping over the same
-micro-batches, computed here. A run resumed from `save_state` mid-epoch ends with the losses and
+micro-batches (tests/_reference.py). A run resumed from `save_state` mid-epoch ends with the losses and
 parameters of the uninterrupted one. Run as a script under the launcher, this module makes the
 mistakes of the issue one by one in a user's loop (each stops at the first update with the audit's
 line), then runs that resume in the same processes.
@@ -19,17 +19,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _reference import (SCHEDULE, TOTAL_UPDATES, check_every_sample_once_per_epoch_in_the_trainers_blocks,
+                        check_lr_of_every_update, check_parameters_equal_one_process, example_data, read_updates,
+                        saved_parameters)
+from goyal_recipe import EpochShuffleSampler, build_optimizer
+from goyal_recipe.errors import RecipeMismatch
+
+import accelerate_loop as example  # noqa: E402 - examples/, on the path through _reference
+
 REPO = Path(__file__).parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-
-import accelerate_loop as example  # noqa: E402
-
-from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer  # noqa: E402
-from goyal_recipe.errors import RecipeMismatch  # noqa: E402
-
 WORLD, ACCUMULATION = 2, 2
-UPDATES_PER_EPOCH = example.NUM_SAMPLES // example.GLOBAL_BATCH_SIZE  # 4
-TOTAL_UPDATES = 3 * UPDATES_PER_EPOCH
 CHECKPOINT_AT = 6  # mid-epoch 1
 
 
@@ -41,38 +40,6 @@ def launch(args, tmp_path, script):
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def read_updates(out, rank):
-    return [json.loads(line) for line in (out / f"updates_rank{rank}.jsonl").read_text().splitlines()]
-
-
-def parameters(path):
-    state = torch.load(path, weights_only=True)
-    return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-
-
-def reference(updates):
-    """One process, float64: update u takes the epoch permutation's blocks [4u, 4u+4) of 8 samples as its
-    micro-batches (BN over each), loss summed / kn, torch SGD with GoyalLR."""
-    data = example.dataset(torch.float64)
-    net = example.model(torch.float64)
-    optimizer = build_optimizer(net, weight_decay=1e-4)
-    scheduler = GoyalLR(optimizer, example.schedule(), UPDATES_PER_EPOCH)
-    stream = EpochShuffleSampler(example.NUM_SAMPLES, seed=0)
-    states = {}
-    for update in range(updates):
-        epoch, in_epoch = divmod(update, UPDATES_PER_EPOCH)
-        kn = example.GLOBAL_BATCH_SIZE
-        order = stream.permutation(epoch)[in_epoch * kn:(in_epoch + 1) * kn]
-        for block in order.view(-1, example.PER_DEVICE_BATCH_SIZE):
-            x, y, _ = data[block]
-            (F.cross_entropy(net(x), y, reduction="sum") / kn).backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        states[update + 1] = {k: v.detach().clone() for k, v in net.named_parameters()}
-    return states
 
 
 @pytest.fixture(scope="module")
@@ -90,39 +57,16 @@ def runs(tmp_path_factory):
 
 def test_lr_of_every_update_on_every_rank_is_the_schedule(runs):
     full, _, stdout, _ = runs
-    schedule = example.schedule()
-    for rank in range(WORLD):
-        records = read_updates(full, rank)
-        assert [r["update"] for r in records] == list(range(TOTAL_UPDATES))
-        for r in records:
-            assert r["lr"] == schedule.lr(r["update"] / UPDATES_PER_EPOCH)  # exactly
+    check_lr_of_every_update(full)
     assert "update 4 lr 0.4000" in stdout and "update 8 lr 0.0400" in stdout
 
 
 def test_every_sample_once_per_epoch_in_the_trainers_blocks(runs):
-    full, _, _, _ = runs
-    for epoch in range(3):
-        seen = []
-        for rank in range(WORLD):
-            mine = [i for r in read_updates(full, rank) if r["epoch"] == epoch for i in r["indices"]]
-            # The split of goyal-train's sampler: blocks of 8 dealt to the ranks in turn.
-            trainer = EpochShuffleSampler(example.NUM_SAMPLES, WORLD, rank, 0, batch_size=8, accumulation_steps=2)
-            assert mine == trainer.rank_indices(epoch).tolist()
-            seen += mine
-        assert sorted(seen) == list(range(example.NUM_SAMPLES))
+    check_every_sample_once_per_epoch_in_the_trainers_blocks(runs[0])
 
 
 def test_parameters_equal_one_process_over_the_same_micro_batches(runs):
-    full, _, _, _ = runs
-    expected = reference(TOTAL_UPDATES)
-    for update, path in ((3, full / "params_update3.pt"), (TOTAL_UPDATES, full / "params_final.pt")):
-        got = parameters(path)
-        assert got.keys() == expected[update].keys()
-        for name, value in got.items():
-            torch.testing.assert_close(value, expected[update][name], rtol=1e-12, atol=1e-13)
-    # The naive loss would have halved every update: the reference is not trivially met.
-    start = dict(example.model(torch.float64).named_parameters())
-    assert any((expected[3][k] - start[k]).abs().max() > 1e-3 for k in start)
+    check_parameters_equal_one_process(runs[0])
 
 
 def test_save_state_mid_epoch_then_load_state_continues_exactly(runs):
@@ -132,7 +76,8 @@ def test_save_state_mid_epoch_then_load_state_continues_exactly(runs):
         again = read_updates(resumed, rank)
         assert [r["update"] for r in again] == list(range(CHECKPOINT_AT, TOTAL_UPDATES))
         assert [(r["lr"], r["loss"], r["indices"]) for r in again] == [(r["lr"], r["loss"], r["indices"]) for r in after]
-    uninterrupted, continued = parameters(full / "params_final.pt"), parameters(resumed / "params_final.pt")
+    uninterrupted = saved_parameters(full / "params_final.pt")
+    continued = saved_parameters(resumed / "params_final.pt")
     assert all(torch.equal(uninterrupted[k], continued[k]) for k in uninterrupted)
 
 
@@ -160,9 +105,9 @@ def _mistake(name):
 
     accelerator = Accelerator(gradient_accumulation_steps=ACCUMULATION,
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    data = example.dataset(torch.float64)
-    net = example.model(torch.float64)
-    recipe = AccelerateRecipe(accelerator, example.schedule(), num_samples=len(data), per_device_batch_size=8,
+    data = example_data.dataset(torch.float64)
+    net = example_data.model(torch.float64)
+    recipe = AccelerateRecipe(accelerator, SCHEDULE, num_samples=len(data), per_device_batch_size=8,
                               bn_group_size=8)
     sampler = recipe.sampler
     if name == "sampler_splits_too":

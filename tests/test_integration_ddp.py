@@ -2,10 +2,10 @@
 
 The example `examples/ddp_loop.py` runs in float64: the LR of every update on both ranks is the
 schedule's, each epoch uses every sample once in `goyal-train`'s blocks, and the parameters after 3
-updates (and at the end) are those of one process over the same micro-batches. Run as a script under
-torchrun, this module resumes a loop from `recipe.state_dict()` mid-epoch (it must continue exactly)
-and makes a DDP user's mistakes; each stops at the first update (or the first of the next epoch) with
-the audit's line.
+updates (and at the end) are those of one process over the same micro-batches (tests/_reference.py).
+Run as a script under torchrun, this module resumes a loop from `recipe.state_dict()` mid-epoch (it
+must continue exactly) and makes a DDP user's mistakes; each stops at the first update (or the first
+of the next epoch) with the audit's line.
 """
 
 import json
@@ -18,17 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _reference import (SCHEDULE, UPDATES_PER_EPOCH, check_every_sample_once_per_epoch_in_the_trainers_blocks,
+                        check_lr_of_every_update, check_parameters_equal_one_process, example_data)
+from goyal_recipe import EpochShuffleSampler, build_optimizer
+from goyal_recipe.errors import RecipeMismatch
+
 REPO = Path(__file__).parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-
-import ddp_loop as example  # noqa: E402
-
-from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer  # noqa: E402
-from goyal_recipe.errors import RecipeMismatch  # noqa: E402
-
 WORLD = 2
-UPDATES_PER_EPOCH = example.NUM_SAMPLES // example.GLOBAL_BATCH_SIZE  # 4
-TOTAL_UPDATES = 3 * UPDATES_PER_EPOCH
 
 
 def torchrun(args, tmp_path, script):
@@ -38,36 +34,6 @@ def torchrun(args, tmp_path, script):
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def read_updates(out, rank):
-    return [json.loads(line) for line in (out / f"updates_rank{rank}.jsonl").read_text().splitlines()]
-
-
-def parameters(path):
-    state = torch.load(path, weights_only=True)
-    return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-
-
-def reference(updates):
-    """One process, float64, over the micro-batches the ranks use: update u takes the epoch
-    permutation's blocks [4u, 4u+4) of 8 samples (BN over each), loss summed / kn."""
-    data = example.dataset(torch.float64)
-    net = example.model(torch.float64)
-    optimizer = build_optimizer(net, weight_decay=1e-4)
-    scheduler = GoyalLR(optimizer, example.schedule(), UPDATES_PER_EPOCH)
-    stream = EpochShuffleSampler(example.NUM_SAMPLES, seed=0)
-    states, kn = {}, example.GLOBAL_BATCH_SIZE
-    for update in range(updates):
-        epoch, in_epoch = divmod(update, UPDATES_PER_EPOCH)
-        for block in stream.permutation(epoch)[in_epoch * kn:(in_epoch + 1) * kn].view(-1, 8):
-            x, y, _ = data[block]
-            (F.cross_entropy(net(x), y, reduction="sum") / kn).backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        states[update + 1] = {k: v.detach().clone() for k, v in net.named_parameters()}
-    return states
 
 
 @pytest.fixture(scope="module")
@@ -81,42 +47,22 @@ def run(tmp_path_factory):
 
 def test_lr_of_every_update_on_every_rank_is_the_schedule(run):
     out, stdout, _ = run
-    schedule = example.schedule()
-    for rank in range(WORLD):
-        records = read_updates(out, rank)
-        assert [r["update"] for r in records] == list(range(TOTAL_UPDATES))
-        for r in records:
-            assert r["lr"] == schedule.lr(r["update"] / UPDATES_PER_EPOCH)  # exactly
+    check_lr_of_every_update(out)
     assert "update 3 lr 0.3250" in stdout and "update 8 lr 0.0400" in stdout
 
 
 def test_every_sample_once_per_epoch_in_the_trainers_blocks(run):
-    out, _, _ = run
-    for epoch in range(3):
-        seen = []
-        for rank in range(WORLD):
-            mine = [i for r in read_updates(out, rank) if r["epoch"] == epoch for i in r["indices"]]
-            trainer = EpochShuffleSampler(example.NUM_SAMPLES, WORLD, rank, 0, batch_size=8, accumulation_steps=2)
-            assert mine == trainer.rank_indices(epoch).tolist()
-            seen += mine
-        assert sorted(seen) == list(range(example.NUM_SAMPLES))
+    check_every_sample_once_per_epoch_in_the_trainers_blocks(run[0])
 
 
 def test_parameters_equal_one_process_over_the_same_micro_batches(run):
-    out, _, _ = run
-    expected = reference(TOTAL_UPDATES)
-    for update, path in ((3, out / "params_update3.pt"), (TOTAL_UPDATES, out / "params_final.pt")):
-        got = parameters(path)
-        assert got.keys() == expected[update].keys()
-        for name, value in got.items():
-            torch.testing.assert_close(value, expected[update][name], rtol=1e-12, atol=1e-13)
+    check_parameters_equal_one_process(run[0])
 
 
 def one_process_recipe(**overrides):
     from goyal_recipe.integrations.ddp import DDPRecipe
 
-    return DDPRecipe(example.schedule(), **{"num_samples": example.NUM_SAMPLES, "per_device_batch_size": 8,
-                                            **overrides})
+    return DDPRecipe(SCHEDULE, **{"num_samples": example_data.NUM_SAMPLES, "per_device_batch_size": 8, **overrides})
 
 
 def test_recipe_derives_accumulation_and_refuses_a_broken_batch_chain():
@@ -134,7 +80,7 @@ def test_recipe_state_puts_the_data_where_the_lr_is():
     from goyal_recipe.errors import UserError
 
     recipe = one_process_recipe()
-    optimizer = build_optimizer(example.model())
+    optimizer = build_optimizer(example_data.model())
     recipe.make_scheduler(optimizer)
     recipe.load_state_dict({"global_batch_size": 32, "updates_per_epoch": 4, "seed": 0,
                             "scheduler": {"updates_done": 6, "updates_per_epoch": 4, "last_epoch": 6}})
@@ -165,9 +111,9 @@ def _loop(name=None, *, state=None, stop_after=None):
 
     from goyal_recipe.integrations.ddp import DDPRecipe
 
-    data = example.dataset(torch.float64)
-    recipe = DDPRecipe(example.schedule(), num_samples=len(data), per_device_batch_size=8, bn_group_size=8)
-    net = DistributedDataParallel(example.model(torch.float64), broadcast_buffers=False)
+    data = example_data.dataset(torch.float64)
+    recipe = DDPRecipe(SCHEDULE, num_samples=len(data), per_device_batch_size=8, bn_group_size=8)
+    net = DistributedDataParallel(example_data.model(torch.float64), broadcast_buffers=False)
     optimizer = build_optimizer(net, weight_decay=1e-4)
     scheduler = recipe.make_scheduler(optimizer)
     sampler = EpochShuffleSampler(len(data), batch_size=8, accumulation_steps=4) if name == "sampler_not_split" \

@@ -8,7 +8,6 @@ DeepSpeed user makes with the recipe; the tests read what each rank recorded.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import socket
@@ -22,20 +21,16 @@ import torch.nn.functional as F
 
 pytest.importorskip("deepspeed")
 
+from _reference import example_data, reference_parameters, reference_updates  # noqa: E402
 from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer, global_batch_loss  # noqa: E402
 from goyal_recipe.errors import RecipeMismatch, UserError  # noqa: E402
 from goyal_recipe.integrations import deepspeed as goyal_ds  # noqa: E402
 
+import deepspeed_loop as example  # noqa: E402 - examples/, on the path through _reference
+
 REPO = Path(__file__).resolve().parents[1]
 KN, N, WORLD, STEPS = 32, 8, 2, 2
-EPOCHS, UPDATES_PER_EPOCH = 2, 3  # 96 samples / kn 32
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+EPOCHS, UPDATES_PER_EPOCH, SAMPLES = 2, 3, 96  # 96 samples / kn 32 = 3 updates per epoch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,17 +64,17 @@ def _mistake(name: str, out: Path, run) -> None:
 def worker(out: Path) -> None:
     import deepspeed
 
-    example = load_example("deepspeed_loop")
     example.main(["--record", str(out / "zero0")])
     for updates in (1, 3):
         example.main(["--record", str(out / f"zero0_{updates}"), "--max-updates", str(updates)])
         example.main(["--record", str(out / f"zero1_{updates}"), "--max-updates", str(updates), "--zero-stage", "1"])
 
-    dataset = example.make_dataset()
+    pixels, labels = example_data.generated_images()
+    dataset = torch.utils.data.TensorDataset(pixels, labels, torch.arange(SAMPLES))
     rank = torch.distributed.get_rank()
     sampler = EpochShuffleSampler(len(dataset), WORLD, rank, batch_size=N, accumulation_steps=STEPS)
     loader = torch.utils.data.DataLoader(dataset, batch_size=N, sampler=sampler)
-    schedule = example.make_schedule(KN, EPOCHS)
+    schedule = example_data.image_schedule(KN, EPOCHS)
     chain = {"train_batch_size": KN, "train_micro_batch_size_per_gpu": N}
 
     def build(model):
@@ -162,45 +157,29 @@ def _ranks(run_dir: Path) -> list[dict]:
     return [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 
-def _reference_updates() -> list[list[list[int]]]:
-    """Each update's micro-batches of N indices: consecutive blocks of one permutation per epoch."""
-    sampler = EpochShuffleSampler(96, 1, 0, batch_size=N, accumulation_steps=STEPS * WORLD)
-    updates = []
-    for epoch in range(EPOCHS):
-        order = sampler.rank_indices(epoch).tolist()
-        for u in range(UPDATES_PER_EPOCH):
-            update = order[u * KN:(u + 1) * KN]
-            updates.append([update[b * N:(b + 1) * N] for b in range(KN // N)])
-    return updates
-
-
-def _reference_parameters(example, updates: int) -> dict[str, torch.Tensor]:
+def _reference_parameters(updates: int) -> dict[str, torch.Tensor]:
     """1 process, the same micro-batches in turn, the recipe's optimizer and GoyalLR: the paper's update."""
-    dataset = example.make_dataset()
+    pixels, labels = example_data.generated_images()
     model = example.make_model()
     model.train()
     optimizer = build_optimizer(model, "sgd", nesterov=True, weight_decay=1e-4)
-    scheduler = GoyalLR(optimizer, example.make_schedule(KN, EPOCHS), UPDATES_PER_EPOCH)
-    for micro_batches in _reference_updates()[:updates]:
-        for block in micro_batches:
-            images, labels, _ = dataset[block]
-            global_batch_loss(F.cross_entropy(model(images), labels, reduction="none"), KN).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-    return {name: p.detach() for name, p in model.named_parameters()}
+    scheduler = GoyalLR(optimizer, example_data.image_schedule(KN, EPOCHS), UPDATES_PER_EPOCH)
+
+    def loss_of(block):
+        return global_batch_loss(F.cross_entropy(model(pixels[block]), labels[block], reduction="none"), KN)
+
+    return reference_parameters(model, optimizer, scheduler, reference_updates(SAMPLES, KN, N, updates), loss_of)[-1]
 
 
 @pytest.mark.parametrize("run,updates", [("zero0", EPOCHS * UPDATES_PER_EPOCH), ("zero1_3", 3)])
 def test_example_lr_and_data_on_every_rank(ds_runs, run, updates):
-    example = load_example("deepspeed_loop")
-    schedule = example.make_schedule(KN, EPOCHS)
+    schedule = example_data.image_schedule(KN, EPOCHS)
     expected_lr = [schedule.lr(t / UPDATES_PER_EPOCH) for t in range(updates)]
     ranks = _ranks(ds_runs / run)
     for record in ranks:
         assert record["world_size"] == WORLD
         assert record["lr"] == pytest.approx(expected_lr, rel=1e-12)
-    reference = _reference_updates()[:updates]
+    reference = reference_updates(SAMPLES, KN, N, updates)
     for t, micro_batches in enumerate(reference):
         # The update's samples are exactly the reference's, split between the ranks.
         used = ranks[0]["indices"][t] + ranks[1]["indices"][t]
@@ -208,7 +187,7 @@ def test_example_lr_and_data_on_every_rank(ds_runs, run, updates):
     for epoch in range(updates // UPDATES_PER_EPOCH):
         seen = [i for r in ranks for t in range(epoch * UPDATES_PER_EPOCH, (epoch + 1) * UPDATES_PER_EPOCH)
                 for i in r["indices"][t]]
-        assert sorted(seen) == list(range(96))  # each sample once per epoch
+        assert sorted(seen) == list(range(SAMPLES))  # each sample once per epoch
 
 
 # After the first update the weights agree to float32 rounding (~1e-7 here); the two updates after it
@@ -220,8 +199,8 @@ def test_example_parameters_equal_one_process_reference(ds_runs, run, updates, r
     from safetensors.torch import load_file
 
     trained = load_file(ds_runs / run / "model.safetensors")
-    reference = _reference_parameters(load_example("deepspeed_loop"), updates)
-    initial = dict(load_example("deepspeed_loop").make_model().named_parameters())
+    reference = _reference_parameters(updates)
+    initial = dict(example.make_model().named_parameters())
     assert sum(not torch.equal(value, initial[name]) for name, value in reference.items()) > len(reference) // 2
     assert set(reference) <= set(trained)
     for name, value in reference.items():

@@ -9,7 +9,6 @@ mistakes a Trainer user makes with the recipe; the tests read what each rank rec
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,20 +21,16 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+from _reference import example_data, reference_parameters, reference_updates  # noqa: E402
 from goyal_recipe import (EpochShuffleSampler, GoyalLR, build_optimizer, global_batch_loss,  # noqa: E402
                           use_ghost_batchnorm, zero_init_last_bn)
 from goyal_recipe.errors import RecipeMismatch, UserError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+import trainer_loop as example  # noqa: E402 - examples/, on the path through _reference
+
 KN, N, WORLD, STEPS = 32, 8, 2, 2
 EPOCHS, UPDATES_PER_EPOCH, SAMPLES = 2, 3, 96
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("trainer_loop", REPO / "examples" / "trainer_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,7 +42,6 @@ def worker(out: Path) -> None:
 
     from goyal_recipe.integrations.transformers import GoyalTrainer
 
-    example = load_example()
     example.main(["--output-dir", str(out / "example_run"), "--record", str(out / "example")])
     example.main(["--output-dir", str(out / "example_run_1"), "--record", str(out / "example_1"), "--max-steps", "1"])
     rank = int(os.environ["RANK"])
@@ -147,45 +141,29 @@ def _ranks(run_dir: Path) -> list[dict]:
 
 
 def _expected_lr(updates: int) -> list[float]:
-    schedule = load_example().make_schedule(KN, EPOCHS)
+    schedule = example_data.image_schedule(KN, EPOCHS)
     return [schedule.lr(t / UPDATES_PER_EPOCH) for t in range(updates)]
-
-
-def _reference_updates() -> list[list[list[int]]]:
-    """Each update's micro-batches of N indices: consecutive blocks of one permutation per epoch."""
-    sampler = EpochShuffleSampler(SAMPLES, 1, 0, batch_size=N, accumulation_steps=STEPS * WORLD)
-    updates = []
-    for epoch in range(EPOCHS):
-        order = sampler.rank_indices(epoch).tolist()
-        for u in range(UPDATES_PER_EPOCH):
-            update = order[u * KN:(u + 1) * KN]
-            updates.append([update[b * N:(b + 1) * N] for b in range(KN // N)])
-    return updates
 
 
 def _reference_parameters(updates: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """1 process, the same micro-batches in turn, the recipe's optimizer and GoyalLR: the paper's update."""
-    example = load_example()
-    dataset = example.GeneratedImages(dtype=dtype)
+    pixels, labels = example_data.generated_images(dtype=dtype)
     model = example.make_model().to(dtype)
     zero_init_last_bn(model)
     use_ghost_batchnorm(model, 4)
     model.train()
     optimizer = build_optimizer(model, "sgd", nesterov=True, weight_decay=1e-4)
-    scheduler = GoyalLR(optimizer, example.make_schedule(KN, EPOCHS), UPDATES_PER_EPOCH)
-    for micro_batches in _reference_updates()[:updates]:
-        for block in micro_batches:
-            images, labels = dataset.images[block], dataset.labels[block]
-            logits = model(pixel_values=images).logits
-            global_batch_loss(F.cross_entropy(logits, labels, reduction="none"), KN).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-    return {name: p.detach() for name, p in model.named_parameters()}
+    scheduler = GoyalLR(optimizer, example_data.image_schedule(KN, EPOCHS), UPDATES_PER_EPOCH)
+
+    def loss_of(block):
+        logits = model(pixel_values=pixels[block]).logits
+        return global_batch_loss(F.cross_entropy(logits, labels[block], reduction="none"), KN)
+
+    return reference_parameters(model, optimizer, scheduler, reference_updates(SAMPLES, KN, N, updates), loss_of)[-1]
 
 
 def _assert_parameters_equal(trained: dict, reference: dict, rtol: float, atol: float) -> None:
-    initial = dict(load_example().make_model().named_parameters())
+    initial = dict(example.make_model().named_parameters())
     assert sum(not torch.equal(value.float(), initial[name]) for name, value in reference.items()) > len(reference) // 2
     for name, value in reference.items():
         torch.testing.assert_close(trained[name], value, rtol=rtol, atol=atol)
@@ -193,7 +171,7 @@ def _assert_parameters_equal(trained: dict, reference: dict, rtol: float, atol: 
 
 def test_example_lr_and_data_on_every_rank(trainer_runs):
     ranks = _ranks(trainer_runs / "example")
-    reference = _reference_updates()
+    reference = reference_updates(SAMPLES, KN, N, EPOCHS * UPDATES_PER_EPOCH)
     for rank, record in enumerate(ranks):
         assert record["world_size"] == WORLD
         assert record["lr"] == pytest.approx(_expected_lr(EPOCHS * UPDATES_PER_EPOCH), rel=1e-12)
@@ -275,7 +253,6 @@ def test_recipe_parts_on_a_timm_wrapper(tmp_path):
 
     from goyal_recipe import GhostBatchNorm2d
 
-    example = load_example()
     plain = example.make_model()
     keys = set(plain.state_dict())
     trainer = example.build_trainer(tmp_path)
@@ -302,7 +279,6 @@ def test_recipe_parts_on_a_timm_wrapper(tmp_path):
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    example = load_example()
     with pytest.raises(UserError, match="per_device_train_batch_size=6 is not a multiple of bn_group_size=4"):
         example.build_trainer(tmp_path, per_device_train_batch_size=6)
     from goyal_recipe import Schedule
