@@ -57,12 +57,14 @@ def _preflight(run_dir: Path) -> None:
 
 
 class Progress:
-    """Where the run is, and the running sums of its current epoch: all of it goes into every checkpoint,
-    so an epoch resumed mid-way reports what the uninterrupted epoch would (train loss, top-1 error, bad images).
+    """Where the run is, and the running sums of its current epoch: both go into every checkpoint, so an
+    epoch resumed mid-way reports what the uninterrupted epoch would (train loss, top-1 error, bad images).
 
-    `update` counts loop iterations (the data position; GoyalLR counts the updates really applied).
-    `epoch_sums` and `window_sums` (loss sum, top-1 correct, images, substituted bad images) are this
-    rank's own, summed over ranks only when reported: the epoch's so far, and since the last step record."""
+    `update` counts loop iterations (the data position, from which the epoch and the sample within it
+    follow; GoyalLR counts the updates really applied). `epoch_sums` and `window_sums` (loss sum, top-1
+    correct, images, substituted bad images) are this rank's own, summed over ranks only when reported: the
+    epoch's so far, and since the last step record. `state_dict` is the position, the same on every rank
+    (saved once); `sums_state_dict` is this rank's sums (saved per rank)."""
 
     SHARED = ("update", "skipped_updates", "consecutive_skips")
 
@@ -85,13 +87,14 @@ class Progress:
         self.epoch_sums.zero_()
 
     def state_dict(self) -> dict:
-        return {**{key: getattr(self, key) for key in self.SHARED}, "epoch": self.epoch,
-                "epoch_samples_done": self.epoch_samples_done, "updates_per_epoch": self.updates_per_epoch,
-                "global_batch_size": self.global_batch_size,
-                "epoch_sums": self.epoch_sums.cpu().clone(), "window_sums": self.window_sums.cpu().clone()}
+        return {**{key: getattr(self, key) for key in self.SHARED}, "updates_per_epoch": self.updates_per_epoch,
+                "global_batch_size": self.global_batch_size}
 
-    def load_state_dict(self, state: dict, sums: bool = True) -> None:
-        """Restore the position (checked against this run's plan) and, with `sums`, this rank's running sums."""
+    def sums_state_dict(self) -> dict:
+        return {"epoch_sums": self.epoch_sums.cpu().clone(), "window_sums": self.window_sums.cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the position, checked against this run's plan."""
         saved = (int(state["global_batch_size"]), int(state["updates_per_epoch"]))
         if saved != (self.global_batch_size, self.updates_per_epoch):
             raise CheckpointError(f"the checkpoint was written with batch.global_batch_size={saved[0]} and {saved[1]} "
@@ -100,9 +103,11 @@ class Progress:
                                   "run.resume=none")
         for key in self.SHARED:
             setattr(self, key, int(state[key]))
-        if sums:
-            self.epoch_sums.copy_(state["epoch_sums"])
-            self.window_sums.copy_(state["window_sums"])
+
+    def add_sums(self, state: dict) -> None:
+        """Add a rank's saved running sums to this rank's (onto zeros: restore them)."""
+        self.epoch_sums += state["epoch_sums"].to(self.epoch_sums.device)
+        self.window_sums += state["window_sums"].to(self.window_sums.device)
 
 
 class Trainer:
@@ -129,7 +134,8 @@ class Trainer:
         self.train_step = TrainStep(cfg, engine, plan, self.model, self.optimizer, self.scheduler)
         self.total_updates = cfg.optim.epochs * self.updates_per_epoch
         self.progress = Progress(self.updates_per_epoch, plan.global_batch_size, engine.device)
-        self.checkpointed = False  # whether this run has written a checkpoint (a failure then keeps its directory)
+        # The update of this run's last checkpoint, None before its first (a failure then keeps the run directory).
+        self.checkpointed_at: int | None = None
         self._resume()
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=engine.is_main)
         self.samples = JsonlWriter(self.run_dir / f"samples_rank{engine.rank}.jsonl", enabled=cfg.run.log_samples)
@@ -152,16 +158,13 @@ class Trainer:
         if missing or (mine is not None and "progress" not in mine):
             raise CheckpointError(f"{path} lacks {', '.join(missing) or 'progress'} (written by another version of "
                                   "goyal_recipe); resume with that version, or set run.resume=none")
+        self.progress.load_state_dict(state["progress"])
         saved_world_size = int(state["world_size"])
         if saved_world_size == engine.world_size:
-            self.progress.load_state_dict(mine["progress"])
-        else:  # the saved ranks' running sums, summed onto rank 0: the epoch's totals stay right
-            self.progress.load_state_dict(state["progress"], sums=False)
-            if engine.is_main:
-                for rank in range(saved_world_size):
-                    saved = read_torch(path / f"rank{rank}.pt")["progress"]
-                    self.progress.epoch_sums += saved["epoch_sums"].to(engine.device)
-                    self.progress.window_sums += saved["window_sums"].to(engine.device)
+            self.progress.add_sums(mine["progress"])
+        elif engine.is_main:  # the saved ranks' running sums, summed onto rank 0: the epoch's totals stay right
+            for rank in range(saved_world_size):
+                self.progress.add_sums(read_torch(path / f"rank{rank}.pt")["progress"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_step.load_noise_state(state.get("noise_scale"))
         self._print(f"resumed from {path} at update {self.update}")
@@ -171,12 +174,14 @@ class Trainer:
             tqdm.write(text)  # above the progress bar, if one is shown
 
     def _checkpoint(self) -> None:
-        progress = self.progress.state_dict()
-        shared = {"update": self.update, "scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg),
-                  "progress": progress, "noise_scale": self.train_step.noise_state()}
+        """Checkpoint the current update, once: a stop inside an epoch may fall on a periodic checkpoint."""
+        if self.checkpointed_at == self.update:
+            return
+        shared = {"scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg),
+                  "progress": self.progress.state_dict(), "noise_scale": self.train_step.noise_state()}
         save_checkpoint(self.engine, self.run_dir, self.update, self.model, self.optimizer, shared,
-                        {"progress": progress}, self.cfg.run.keep_checkpoints)
-        self.checkpointed = True
+                        {"progress": self.progress.sums_state_dict()}, self.cfg.run.keep_checkpoints)
+        self.checkpointed_at = self.update
 
     def run(self) -> Path:
         cfg, engine, data = self.cfg, self.engine, self.data
@@ -189,12 +194,10 @@ class Trainer:
         engine.init_trackers(cfg.run.name, _flat(cfg.model_dump(mode="json")))
         stop_at = min(self.total_updates, cfg.run.max_updates or self.total_updates)
         while self.update < stop_at:
-            epoch = self.update // self.updates_per_epoch
+            epoch = self.progress.epoch
             train_stats = self._train_epoch(epoch, stop_at)
             if self.update % self.updates_per_epoch:  # stopped inside the epoch (max_updates)
-                every = cfg.run.checkpoint_every_updates
-                if not (every and self.update % every == 0):
-                    self._checkpoint()
+                self._checkpoint()
                 break
             self._end_epoch(epoch, train_stats)
         self._finish()
@@ -383,6 +386,6 @@ def train(cfg: RecipeConfig) -> Path:
         trainer = Trainer(cfg)
         return trainer.run()
     except UserError:
-        if new_paths is not None and not (trainer is not None and trainer.checkpointed):
+        if new_paths is not None and not (trainer is not None and trainer.checkpointed_at is not None):
             new_paths.remove()
         raise
