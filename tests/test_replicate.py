@@ -7,11 +7,12 @@ import pytest
 
 from goyal_recipe.config import load_config, plan_batches
 from goyal_recipe.metrics import JsonlWriter
-from goyal_recipe.replicate import BASE_RECIPE, MODES, Setting, build_runs, collect, main, paper_kn_at, write_report
+from goyal_recipe.replicate import (BASE_RECIPE, MODES, Setting, build_runs, collect, main, paper_kn_at,
+                                    train_command, write_report)
 
 
 def configs(mode, tmp_path):
-    return {run.name: load_config(BASE_RECIPE, list(run.overrides)) for run in build_runs(mode, tmp_path)}
+    return {run.name: run.config for run in build_runs(mode, tmp_path)}
 
 
 def test_quick_mode_runs_the_paper_design_at_its_scale(tmp_path):
@@ -141,3 +142,15 @@ def test_report_only_rebuilds_from_the_runs_without_training(tmp_path, capsys):
     assert "Command: `goyal-replicate --mode quick`" in (tmp_path / "out" / "results.md").read_text()
     assert "wall time 20.6 min with 2 runs at once" in (tmp_path / "out" / "results.md").read_text()
     assert Setting(256).name == "kn256-gradual-linear-zerogamma"
+
+
+def test_each_run_is_one_validated_recipe_written_whole_for_training(tmp_path):
+    runs = build_runs("cpu", tmp_path / "runs", seeds=[3])
+    run = next(r for r in runs if r.name == "kn128-none-linear-zerogamma-seed3")
+    command = train_command(run)
+    recipe = tmp_path / "runs" / "cpu" / "recipes" / "kn128-none-linear-zerogamma-seed3.yaml"
+    assert command[-3:] == ["goyal_recipe.cli", "train", str(recipe)]
+    # The file the run trains from is the design's config, key for key, with no override left to parse.
+    assert load_config(recipe) == run.config == load_config(BASE_RECIPE, list(run.overrides))
+    assert run.run_dir == tmp_path / "runs" / "cpu" / "kn128-none-linear-zerogamma-seed3" == run.config.run_dir
+    assert (run.config.optim.warmup, run.config.batch.global_batch_size, run.config.run.seed) == ("none", 128, 3)
