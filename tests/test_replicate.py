@@ -9,6 +9,7 @@ from goyal_recipe.config import load_config, plan_batches
 from goyal_recipe.metrics import JsonlWriter
 from goyal_recipe.replicate import (BASE_RECIPE, MODES, Setting, build_runs, collect, main, paper_kn_at,
                                     train_command, write_report)
+from goyal_recipe.replicate.runner import training_order
 
 
 def configs(mode, tmp_path):
@@ -154,3 +155,99 @@ def test_each_run_is_one_validated_recipe_written_whole_for_training(tmp_path):
     assert load_config(recipe) == run.config == load_config(BASE_RECIPE, list(run.overrides))
     assert run.run_dir == tmp_path / "runs" / "cpu" / "kn128-none-linear-zerogamma-seed3" == run.config.run_dir
     assert (run.config.optim.warmup, run.config.batch.global_batch_size, run.config.run.seed) == ("none", 128, 3)
+
+
+def test_scaling_mode_sweeps_sgd_and_lars_and_runs_table1_five_times(tmp_path):
+    runs = build_runs("scaling", tmp_path)
+    by_setting = {}
+    for run in runs:
+        by_setting.setdefault(run.setting.name, []).append(run.seed)
+    sweep = {f"kn{kn}-gradual-linear-zerogamma{suffix}": [0, 1, 2] for kn in (32, 128, 512, 2048)
+             for suffix in ("", "-lars")}
+    table1 = {"kn32-gradual-linear-zerogamma": [0, 1, 2, 3, 4], "kn128-gradual-linear-zerogamma": [0, 1, 2, 3, 4],
+              "kn128-none-linear-zerogamma": [0, 1, 2, 3, 4], "kn128-constant-linear-zerogamma": [0, 1, 2, 3, 4]}
+    assert by_setting == {**sweep, **table1} and len(runs) == 38
+    for run in runs:
+        cfg, kn = run.config, run.setting.global_batch_size
+        # One base recipe: only kn, the warmup and the optimizer differ; B_simple measured in every run, which
+        # needs two gradients per update: kn = 32 is two micro-batches of 16, one BN group each.
+        assert (cfg.model.bn, cfg.model.bn_group_size, cfg.run.noise_scale, cfg.data.generate.train_per_class) == (
+            "ghost", 16, True, 160)
+        assert (cfg.optim.epochs, cfg.optim.milestones, cfg.optim.warmup_epochs, cfg.optim.decay) == (
+            9, [3, 6, 8], 0.5, "step")
+        assert (cfg.optim.trust_coefficient, cfg.optim.momentum, cfg.optim.weight_decay) == (0.001, 0.9, 1e-4)
+        assert cfg.optim.optimizer == ("lars" if run.setting.name.endswith("lars") else "sgd")
+        assert cfg.schedule().peak_lr == pytest.approx(0.1 * kn / 32)
+        plan = plan_batches(cfg, world_size=1)
+        assert (plan.per_device_batch_size, plan.accumulation_steps) == {
+            32: (16, 2), 128: (64, 2), 512: (128, 4), 2048: (128, 16)}[kn]
+        assert 100 * 160 // kn == {32: 500, 128: 125, 512: 31, 2048: 7}[kn]
+    # Every setting's first seed trains before any second seed: a stopped sweep has every point.
+    order = [run.name for run in training_order(runs)]
+    assert len(by_setting) == 10 and order[:10] == [f"{s}-seed0" for s in by_setting] and order[-2:] == [
+        "kn128-constant-linear-zerogamma-seed4", "kn128-gradual-linear-zerogamma-seed4"]
+
+
+def test_reading_rules_standard_errors_and_where_the_error_rises():
+    from goyal_recipe.replicate.scaling import Estimate, compare, rise_kn
+
+    a, b = Estimate(11.0, 1.0, 5), Estimate(12.0, 1.0, 5)
+    c = compare(a, b)
+    assert (c.gap, c.se, c.z) == pytest.approx((1.0, math.sqrt(0.4), 1.0 / math.sqrt(0.4)))
+    assert c.verdict == "not decisive"
+    assert compare(a, Estimate(13.0, 1.0, 5)).verdict == "decisive"  # 2 / 0.632 = 3.2 SE
+    assert compare(Estimate(13.0, 1.0, 5), a).verdict == "reversed, decisively"
+    assert compare(a, Estimate(20.0, None, 1)).verdict == "not decided (fewer than 2 seeds)"
+    # The paper's own baseline < gradual warmup gap (0.14 over 5 runs each) is 2.09 SE.
+    assert compare(Estimate(23.60, 0.12, 5), Estimate(23.74, 0.09, 5)).z == pytest.approx(0.14 / math.sqrt(0.0225 / 5), abs=1e-12)
+    flat, up, upper = Estimate(11.5, 1.0, 3), Estimate(16.0, 1.0, 3), Estimate(30.0, 2.0, 3)
+    assert rise_kn([(32, a), (128, flat), (512, up), (2048, upper)]) == 512
+    # A decisive point followed by one that is not is no rise yet; the rise must hold to the largest kn.
+    assert rise_kn([(32, a), (128, up), (512, flat), (2048, upper)]) == 2048
+    assert rise_kn([(32, a), (128, flat), (512, flat)]) is None
+
+
+def record_scaling_run(run, final, noise_end, updates_per_epoch):
+    writer = JsonlWriter(run.run_dir / "metrics.jsonl")
+    writer.write({"kind": "run", "name": run.name, "updates_per_epoch": updates_per_epoch, "time": 0.0})
+    for update, epoch, b in ((1, 0.5, 50.0), (2, 1.0, 100.0), (2, 1.0, 100.0), (3, 9.0, noise_end)):
+        writer.write({"kind": "step", "update": update, "epoch": epoch, "loss": 1.0, "noise_scale": b, "time": 1.0})
+    for epoch in range(1, 10):
+        writer.write({"kind": "epoch", "epoch": epoch, "train_top1_error": 50.0,
+                      "val_top1_error": final if epoch == 9 else 50.0, "time": 60.0 * epoch})
+    writer.close()
+
+
+def test_scaling_report_reads_the_sweep_by_its_rules(tmp_path):
+    finals = {"kn32-gradual-linear-zerogamma": [10, 11, 12, 10, 12], "kn128-gradual-linear-zerogamma": [11, 12, 13, 11, 13],
+              "kn512-gradual-linear-zerogamma": [20, 21, 22], "kn2048-gradual-linear-zerogamma": [40, 42, 44],
+              "kn128-none-linear-zerogamma": [14, 15, 16, 14, 16], "kn128-constant-linear-zerogamma": [20] * 5,
+              "kn32-gradual-linear-zerogamma-lars": [12, 13, 14], "kn128-gradual-linear-zerogamma-lars": [12, 13, 14],
+              "kn512-gradual-linear-zerogamma-lars": [13, 14, 15], "kn2048-gradual-linear-zerogamma-lars": [14, 15, 16]}
+    runs = build_runs("scaling", tmp_path / "runs")
+    for run in runs:
+        kn = run.setting.global_batch_size
+        record_scaling_run(run, float(finals[run.setting.name][run.seed]), 400.0 if kn == 32 else 4.0 * kn,
+                           16000 // kn)
+    provenance = {"command": "goyal-replicate --mode scaling", "machine": "test", "date": "2026-01-01",
+                  "duration_s": None, "jobs": 2, "train_s": 60.0, "versions": {}, "scale": "tiny"}
+    paths = write_report("scaling", collect("scaling", runs), tmp_path / "out", provenance)
+    report = (tmp_path / "out" / "results.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("|")}
+    assert rows["32"] == "| 32 | 2 | 0.1 | 500 | 11.00 ± 1.00 (n=5) | 13.00 ± 1.00 (n=3) | 100 / 400 | 100 / 400 |"
+    assert rows["2048"] == ("| 2048 | 128 | 6.4 | 7 | 42.00 ± 2.00 (n=3) | 15.00 ± 1.00 (n=3) | 100 / 8192 | "
+                            "100 / 8192 |")
+    assert rows["baseline kn=32"] == "| baseline kn=32 | 2 | 16 | 32 | 0.1 | 500 | 11.00 ± 1.00 (n=5) | 23.60 ± 0.12 |"
+    # Table 1's orderings: the paper's gap and ours in standard errors of the difference.
+    assert rows["baseline kn=32 < gradual warmup"] == (
+        "| baseline kn=32 < gradual warmup | +0.14 (+2.1 SE) | decisive | +1.00 (+1.6 SE) | not decisive |")
+    assert rows["no warmup < constant warmup"] == (
+        "| no warmup < constant warmup | +1.04 (+3.5 SE) | decisive | +5.00 (+11.2 SE) | decisive |")
+    assert ("- **SGD** error rises from kn = 512 (last kn not decisively above kn = 32: 128); B_simple of the "
+            "kn = 32 SGD runs: 100 after epoch 1, 400 at the end. The rise starts at 1.3x the late B_simple and "
+            "5.1x the early one; the late B_simple lies inside [128, 512].") in report
+    assert ("- **LARS** past the late B_simple, against its own kn = 32: kn = 512: +1.00 (+1.2 SE); "
+            "kn = 2048: +2.00 (+2.4 SE): not flat (flat: no point decisively above).") in report
+    assert "kn = 512: -7.00 (-8.6 SE); kn = 2048: -27.00 (-20.9 SE)." in report  # LARS minus SGD
+    png = tmp_path / "out" / "error_vs_kn.png"
+    assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -127,6 +127,16 @@ MODES = {
         train_per_class=1280, val_per_class=50, epochs=18, milestones=(6, 12, 16), warmup_epochs=1,
         baseline_kn=32, large_kn=1024, sweep_kn=(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
         ablations=("no_scaling", "sqrt_scaling", "gamma_one"), seeds=(0, 1, 2), max_micro_batch=256, workers=6),
+    # Where linear scaling ends (McCandlish et al. 2018; You et al. 2017): the cpu mode's 16,000 images, kn from
+    # 500 to 7 updates per epoch, SGD and LARS at each kn with nothing else changed. BN groups of 16, not 32: the
+    # noise scale needs two gradients per update, and kn = 32 then still holds two micro-batches of a whole group.
+    "scaling": Mode(
+        description="where linear scaling ends: SGD and LARS against kn with the noise scale measured, and Table 1 "
+                    "with 5 seeds, about 2.5 hours on 2 CPU cores",
+        train_per_class=160, val_per_class=20, epochs=9, milestones=(3, 6, 8), warmup_epochs=0.5,
+        baseline_kn=32, large_kn=128, sweep_kn=(32, 128, 512, 2048), ablations=(), seeds=(0, 1, 2),
+        max_micro_batch=128, workers=0, table1_seeds=(0, 1, 2, 3, 4), sweep_optimizers=("sgd", "lars"),
+        bn_group_size=16, min_micro_batches=2),
 }
 
 

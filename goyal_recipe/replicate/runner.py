@@ -37,6 +37,12 @@ def is_finished(run: Run, mode: Mode) -> bool:
     return final_error(epoch_curve(read_records(run.run_dir / "metrics.jsonl")), mode) is not None
 
 
+def training_order(runs: Sequence[Run]) -> list[Run]:
+    """Seed-major: every setting's first seed before any setting's second, so a sweep stopped part-way has
+    every point of the design."""
+    return [run for _, run in sorted(enumerate(runs), key=lambda item: (item[1].seed, item[0]))]
+
+
 @dataclass
 class _Active:
     run: Run
@@ -47,7 +53,7 @@ class _Active:
 
 def run_all(runs: Sequence[Run], mode: Mode, jobs: int, threads_per_job: int, log_dir: Path) -> list[str]:
     """Train every unfinished run, `jobs` at a time; returns the names of runs that failed."""
-    todo = [r for r in runs if not is_finished(r, mode)]
+    todo = [r for r in training_order(runs) if not is_finished(r, mode)]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train, {jobs} at a time",
           flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_job), MKL_NUM_THREADS=str(threads_per_job))
