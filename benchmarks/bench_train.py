@@ -15,7 +15,6 @@ img/s = images / time, data share = data wait / step time.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import common
+
+from goyal_recipe.records import StepRecord, read_run
 
 QUICK = dict(model="resnet10t", image_size=32, batch_size=16, global_batch_size=None, bn_group_size=8, workers=1,
              classes=4, per_class=16, warmup=1, repeats=2, updates=1)
@@ -100,26 +101,25 @@ def run_training(args, data_root: Path, output_dir: Path) -> tuple[Path, float]:
     return output_dir / "bench_train" / "metrics.jsonl", wall
 
 
-def per_update(records: list[dict], key: str, window: int) -> list[float]:
+def per_update(window_means: list[float], window: int) -> list[float]:
     """Per-update values from sliding-window means logged after every update (u = 1, 2, ...)."""
     values: list[float] = []
     previous = 0.0
-    for u, record in enumerate(records, start=1):
-        total = record[key] * min(u, window)
+    for u, mean in enumerate(window_means, start=1):
+        total = mean * min(u, window)
         value = total - previous + (values[u - 1 - window] if u > window else 0.0)
         values.append(max(value, 0.0))
         previous = total
     return values
 
 
-def step_series(metrics: Path, window: int) -> tuple[list[float], list[float], list[dict]]:
-    records = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("kind") == "step"]
-    updates = [r["update"] for r in records]
+def step_series(metrics: Path, window: int) -> tuple[list[float], list[float], list[StepRecord]]:
+    records = read_run(metrics).steps
+    updates = [r.update for r in records]
     if updates != list(range(1, len(records) + 1)):
         raise SystemExit(f"{metrics}: expected a step record for every update 1..N, got updates {updates[:10]}...")
-    if records and "update_s" in records[0]:  # per-update fields, where the trainer logs them
-        return [r["update_s"] for r in records], [r["update_data_wait_s"] for r in records], records
-    return per_update(records, "step_s", window), per_update(records, "data_wait_s", window), records
+    return (per_update([r.step_s for r in records], window), per_update([r.data_wait_s for r in records], window),
+            records)
 
 
 def main(argv=None):
@@ -141,7 +141,7 @@ def main(argv=None):
     variant = {"img_per_s": common.summary(img_s), "data_wait_pct": common.summary(share),
                "step_ms": common.summary(step_ms), "data_wait_ms": common.summary(wait_ms)}
     derived = {"run_wall_s": wall, "updates_logged": len(step_s),
-               "trainer_images_per_s_last_record": records[-1]["images_per_s"]}
+               "trainer_images_per_s_last_record": records[-1].images_per_s}
     record = common.make_record(common.script_name(__file__), args, {"goyal_train": variant}, derived,
                                 {"data_dir": str(data_root), "recipe": str(args.recipe)})
     print(common.header(record))

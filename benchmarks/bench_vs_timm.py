@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import re
 import shlex
@@ -49,6 +48,7 @@ from bench_train import step_series
 from goyal_recipe.config import load_config, plan_batches
 from goyal_recipe.data import generate_dataset
 from goyal_recipe.metrics import ThroughputMeter
+from goyal_recipe.records import read_run
 
 # Each preset: the goyal-train recipe and overrides, and the generated data set both programs read.
 PRESETS = {
@@ -306,10 +306,9 @@ def _last(lines, pattern) -> float | None:
 def goyal_series(run_dir: Path) -> tuple[list[float], list[float], float | None]:
     """Per-update (time, data wait) from metrics.jsonl step records as bench_train reads them (the
     trainer's ThroughputMeter window), and the last epoch's val top-1 error."""
-    metrics = run_dir / "metrics.jsonl"
-    times, waits, _ = step_series(metrics, ThroughputMeter().window)
-    epochs = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("kind") == "epoch"]
-    return times, waits, epochs[-1].get("val_top1_error") if epochs else None
+    times, waits, _ = step_series(run_dir / "metrics.jsonl", ThroughputMeter().window)
+    epochs = read_run(run_dir).epochs
+    return times, waits, epochs[-1].val_top1_error if epochs else None
 
 
 def timm_series(lines: list[tuple[float, str]]) -> tuple[list[float], list[float]]:

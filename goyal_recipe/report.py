@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from goyal_recipe.metrics import read_jsonl
+from goyal_recipe.records import METRICS_FILE, RunRecord, read_run
 
 __all__ = ["NothingToPlotError", "RunCurves", "figure_axes", "load_curves", "plot_run", "plot_overlay", "plot_main",
            "save_figure"]
-
-METRICS_FILE = "metrics.jsonl"
 
 Points = list[tuple[float, float]]
 
@@ -41,7 +39,8 @@ class RunCurves:
     path: Path
     name: str
     global_batch_size: int | None = None
-    header: dict[str, Any] = field(default_factory=dict)
+    header: RunRecord | None = None
+    """The run's first start record."""
     lr: Points = field(default_factory=list)
     loss: Points = field(default_factory=list)
     train_error: Points = field(default_factory=list)
@@ -49,55 +48,42 @@ class RunCurves:
     noise_scale: Points = field(default_factory=list)
 
     @property
+    def updates_per_epoch(self) -> int | None:
+        return self.header.updates_per_epoch if self.header else None
+
+    @property
     def label(self) -> str:
         kn = "?" if self.global_batch_size is None else self.global_batch_size
         return f"{self.name} (kn={kn})"
 
 
-def _points(records: dict[Any, dict[str, Any]], x: str, y: str) -> Points:
-    return [
-        (float(r[x]), float(r[y]))
-        for _, r in sorted(records.items())
-        if r.get(x) is not None and r.get(y) is not None
-    ]
+def _points(records: Sequence[Any], x: str, y: str) -> Points:
+    return [(float(getattr(r, x)), float(getattr(r, y))) for r in records
+            if getattr(r, x) is not None and getattr(r, y) is not None]
 
 
 def load_curves(run_dir: str | Path) -> RunCurves:
-    """Read ``run_dir/metrics.jsonl`` into curves.
+    """Read ``run_dir/metrics.jsonl`` into curves, through :func:`goyal_recipe.records.read_run` (a
+    resumed run's repeated update or epoch: the last record wins).
 
-    A resumed run may log an update or an epoch twice; the last record of each wins. Raises
-    ``FileNotFoundError`` for a missing directory or file and :class:`NothingToPlotError` when
+    Raises ``FileNotFoundError`` for a missing directory or file and :class:`NothingToPlotError` when
     the file has no step or epoch record (empty, or only a header).
     """
     run_dir = Path(run_dir)
-    path = run_dir / METRICS_FILE
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found ({run_dir} is not a run directory)")
-    header: dict[str, Any] = {}
-    steps: dict[int, dict[str, Any]] = {}
-    epochs: dict[int, dict[str, Any]] = {}
-    for record in read_jsonl(path):
-        kind = record.get("kind")
-        if kind == "run" and not header:
-            header = record
-        elif kind == "step" and record.get("update") is not None:
-            steps[int(record["update"])] = record
-        elif kind == "epoch" and record.get("epoch") is not None:
-            epochs[int(record["epoch"])] = record
-    if not steps and not epochs:
-        raise NothingToPlotError(f"{path} has no step or epoch records to plot")
+    log = read_run(run_dir)
+    if not log.steps and not log.epochs:
+        raise NothingToPlotError(f"{log.path} has no step or epoch records to plot")
+    header = log.header
     return RunCurves(
-        path=path,
-        name=str(header.get("name") or run_dir.resolve().name),
-        global_batch_size=header.get("global_batch_size"),
+        path=log.path,
+        name=str(header and header.name or run_dir.resolve().name),
+        global_batch_size=header and header.global_batch_size,
         header=header,
-        lr=_points(steps, "epoch", "lr"),
-        loss=_points(steps, "epoch", "loss"),
-        train_error=_points(epochs, "epoch", "train_top1_error"),
-        val_error=_points(epochs, "epoch", "val_top1_error"),
-        noise_scale=_points(steps, "epoch", "noise_scale"),
+        lr=_points(log.steps, "epoch", "lr"),
+        loss=_points(log.steps, "epoch", "loss"),
+        train_error=_points(log.epochs, "epoch", "train_top1_error"),
+        val_error=_points(log.epochs, "epoch", "val_top1_error"),
+        noise_scale=_points(log.steps, "epoch", "noise_scale"),
     )
 
 
@@ -150,11 +136,11 @@ def _draw_line(curves: RunCurves, points: Points, ylabel: str, path: Path) -> Pa
     return _save(fig, ax, path)
 
 
-def schedule_points(run_dir: str | Path, header: dict[str, Any]) -> Points:
+def schedule_points(run_dir: str | Path, updates_per_epoch: int | None) -> Points:
     """The LR of every update from the run's resolved `config.yaml` (empty if it is absent)."""
     from goyal_recipe.config import load_config
 
-    config, updates_per_epoch = Path(run_dir) / "config.yaml", header.get("updates_per_epoch")
+    config = Path(run_dir) / "config.yaml"
     if not config.is_file() or not updates_per_epoch:
         return []
     schedule = load_config(config).schedule()
@@ -168,7 +154,7 @@ def _draw_lr(curves: RunCurves, schedule: Points, path: Path) -> Path:
     if schedule:
         ax.plot(*zip(*schedule), label="schedule")
     # A logged LR is that of update t (1-based), which starts at fractional epoch (t - 1) / U.
-    shift = 1 / curves.header["updates_per_epoch"] if schedule else 0.0
+    shift = 1 / curves.updates_per_epoch if schedule else 0.0
     ax.plot([x - shift for x, _ in curves.lr], [y for _, y in curves.lr], ".", markersize=4,
             label="logged updates" if schedule else None)
     return _save(fig, ax, path)
@@ -202,7 +188,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         _draw_error(ax, curves)
         written.append(_save(fig, ax, out / "error.png"))
     if curves.lr:
-        written.append(_draw_lr(curves, schedule_points(run_dir, curves.header), out / "lr.png"))
+        written.append(_draw_lr(curves, schedule_points(run_dir, curves.updates_per_epoch), out / "lr.png"))
     if curves.loss:
         written.append(_draw_line(curves, curves.loss, "training loss", out / "loss.png"))
     if curves.noise_scale:

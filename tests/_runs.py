@@ -1,6 +1,5 @@
 """Running goyal-train in real processes for the end-to-end tests, and reading what a run wrote."""
 
-import json
 import os
 import socket
 import subprocess
@@ -8,6 +7,9 @@ import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
+
+from goyal_recipe.metrics import read_jsonl
+from goyal_recipe.records import read_run
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -23,7 +25,7 @@ BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 def overrides(data_root, run_dir, name, **extra):
     base = {
-        "run.name": name, "run.output_dir": str(run_dir), "run.log_every_updates": 1, "run.log_samples": "true",
+        "run.name": name, "run.output_dir": str(run_dir), "run.log_every_updates": 1, "debug.log_samples": "true",
         "run.plots": "false", "data.root": str(data_root), "data.generate": "null", "data.image_size": 32,
         "data.workers": 0, "model.name": "resnet10t", "model.bn_group_size": 4,
         "batch.global_batch_size": 16, "batch.per_device_batch_size": 8,
@@ -64,23 +66,21 @@ def free_port():
 
 
 def records(run_dir, kind):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+    """The records of one kind as the JSON objects of their lines (``r["lr"]``), through the package's one
+    reader: each update and epoch once (the last written wins after a resume), every start kept."""
+    return [r.as_dict() for r in read_run(run_dir).of_kind(kind)]
 
 
 def step_losses(run_dir):
-    return {r["update"]: r["loss"] for r in records(run_dir, "step")}
+    return {r.update: r.loss for r in read_run(run_dir).steps}
 
 
 def samples_by_epoch(run_dir, ranks):
     """Indices used per epoch over all ranks. An update redone after a resume was logged twice:
-    its last record is the one that counts."""
+    its last record is the one that counts, as in metrics.jsonl."""
     by_epoch = {}
     for rank in ranks:
-        last = {}
-        for line in (Path(run_dir) / f"samples_rank{rank}.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            last[rec["update"]] = rec
+        last = {rec["update"]: rec for rec in read_jsonl(Path(run_dir) / f"samples_rank{rank}.jsonl")}
         for rec in last.values():
             by_epoch.setdefault(rec["epoch"], []).extend(rec["indices"])
     return by_epoch

@@ -119,12 +119,40 @@ def test_per_update_times_recovered_from_window_means():
     window = 3
     steps = [0.5, 0.1, 0.3, 0.2, 0.9, 0.4, 0.25, 0.7]
     waits = [0.05, 0.0, 0.1, 0.02, 0.3, 0.0, 0.01, 0.2]
-    meter, records = ThroughputMeter(window=window), []
+    meter, step_means, wait_means = ThroughputMeter(window=window), [], []
     for s, w in zip(steps, waits):
         meter.record(10, s, w)
-        records.append({"step_s": meter.mean_step_s, "data_wait_s": meter.mean_data_wait_s})
-    assert per_update(records, "step_s", window) == pytest.approx(steps)
-    assert per_update(records, "data_wait_s", window) == pytest.approx(waits)
+        step_means.append(meter.mean_step_s)
+        wait_means.append(meter.mean_data_wait_s)
+    assert per_update(step_means, window) == pytest.approx(steps)
+    assert per_update(wait_means, window) == pytest.approx(waits)
+
+
+def test_step_series_reads_the_run_through_the_records_reader(tmp_path):
+    """A resumed run's repeated step record counts once; a missing update is refused."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_train import step_series
+    finally:
+        sys.path.remove(str(BENCH))
+    from goyal_recipe.metrics import JsonlWriter
+    from goyal_recipe.records import StepRecord
+
+    def step(update, step_s):
+        return StepRecord(update=update, epoch=update / 4, loss=1.0, lr=0.1, bad_images=0, images_per_s=1.0,
+                          data_wait_s=step_s / 10, step_s=step_s)
+
+    path = tmp_path / "metrics.jsonl"
+    with JsonlWriter(path) as log:  # window 2: logged means 0.5, (0.5 + 0.25) / 2, (0.25 + 1.0) / 2
+        for update, mean in ((1, 0.5), (2, 0.375), (2, 0.375), (3, 0.625)):
+            log.write(step(update, mean))
+    times, waits, records = step_series(path, window=2)
+    assert times == pytest.approx([0.5, 0.25, 1.0]) and waits == pytest.approx([0.05, 0.025, 0.1])
+    assert [r.update for r in records] == [1, 2, 3]
+    with JsonlWriter(path) as log:
+        log.write(step(5, 1.0))
+    with pytest.raises(SystemExit, match="every update 1..N"):
+        step_series(path, window=2)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
-"""Tests of goyal_recipe.metrics (exact counts, JSONL, throughput, progress lines) and
-goyal_recipe.report (plots of a synthetic run)."""
+"""Tests of goyal_recipe.metrics (exact counts, JSONL, throughput, progress lines), goyal_recipe.records
+(typed records, the one reader of a resumed run) and goyal_recipe.report (plots of a synthetic run)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ from goyal_recipe.metrics import (
     format_step_line,
     read_jsonl,
     topk_correct,
+)
+from goyal_recipe.records import (
+    EpochRecord,
+    RecordError,
+    RunRecord,
+    SkipRecord,
+    StepRecord,
+    from_dict,
+    read_run,
 )
 from goyal_recipe.report import NothingToPlotError, load_curves, plot_main, plot_overlay, plot_run
 
@@ -158,6 +167,114 @@ def test_jsonl_writer_disabled_writes_nothing(tmp_path):
     writer.write({"kind": "run"})
     writer.close()
     assert not path.exists()
+
+
+# ------------------------------------------------------------------------------- records
+
+# The keys of each kind, in the order the trainer has always written them (the file format).
+RUN_KEYS = ["kind", "name", "global_batch_size", "updates_per_epoch", "epochs", "world_size", "resumed_at_update",
+            "time"]
+STEP_KEYS = ["kind", "update", "epoch", "loss", "lr", "bad_images", "images_per_s", "data_wait_s", "step_s", "time"]
+NOISE_KEYS = ["noise_scale", "noise_grad_sq", "noise_trace_sigma"]
+SKIP_KEYS = ["kind", "update", "epoch", "reason", "time"]
+EPOCH_KEYS = ["kind", "epoch", "update", "train_loss", "train_top1_error", "train_bad_images", "skipped_updates",
+              "epoch_s", "val_loss", "val_top1_error", "val_top5_error", "val_top1_acc", "val_top5_acc", "val_images",
+              "lr", "time"]
+
+
+def _start(resumed_at_update, t):
+    return RunRecord(name="r", global_batch_size=16, updates_per_epoch=4, epochs=2, world_size=2,
+                     resumed_at_update=resumed_at_update, time=t)
+
+
+def _step(update, loss, **noise):
+    return StepRecord(update=update, epoch=update / 4, loss=loss, lr=0.05 * update, bad_images=update % 2,
+                      images_per_s=160.0, data_wait_s=0.01, step_s=0.1, time=100.0 + update, **noise)
+
+
+def _epoch(epoch, train_loss, counts=None):
+    summary = {**EvalCounter().summary(counts), "val_bad_images": 0} if counts is not None else {}
+    return EpochRecord(epoch=epoch, update=4 * epoch, train_loss=train_loss, train_top1_error=50.0,
+                       train_bad_images=1, skipped_updates=1, epoch_s=2.5, lr=0.2, time=200.0 + epoch, **summary)
+
+
+def test_records_round_trip_with_the_file_format_keys(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    counts = torch.tensor([10.0, 1.0, 3.0, 4.0], dtype=torch.float64)  # the hand table's: 75 % top-1 error
+    written = [_start(0, 99.0), _step(1, 2.0), _step(2, 1.5, noise_scale=48.0, noise_grad_sq=0.5,
+                                                       noise_trace_sigma=24.0),
+               SkipRecord(update=3, epoch=1, time=103.0), _epoch(1, 1.75), _epoch(2, 1.25, counts)]
+    with JsonlWriter(path) as log:
+        for record in written:
+            log.write(record)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [list(line) for line in lines] == [RUN_KEYS, STEP_KEYS, STEP_KEYS[:-1] + NOISE_KEYS + ["time"], SKIP_KEYS,
+                                              EPOCH_KEYS, EPOCH_KEYS[:-2] + ["val_bad_images"] + EPOCH_KEYS[-2:]]
+    assert lines[2]["noise_scale"] == 48.0 and lines[3]["reason"] == "non-finite loss or gradient"
+    assert lines[4]["val_top1_error"] is None and "val_bad_images" not in lines[4]
+    assert (lines[5]["val_top1_error"], lines[5]["val_top5_acc"], lines[5]["val_images"]) == (75.0, 75.0, 4)
+    assert [from_dict(line) for line in lines] == written
+    log = read_run(tmp_path)
+    assert (log.starts, log.steps, log.skips, log.epochs) == ([written[0]], written[1:3], [written[3]], written[4:])
+    assert [r.as_dict() for r in log.of_kind("step")] == lines[1:3]
+
+    # a key this version does not know is kept and written back; one an older file lacks reads as None
+    newer = {**lines[1], "update_s": 0.125}
+    assert from_dict(newer).extra == {"update_s": 0.125} and from_dict(newer).as_dict() == newer
+    older = from_dict({"kind": "step", "update": 5, "loss": 0.5})
+    assert (older.update, older.loss, older.bad_images, older.time) == (5, 0.5, None, None)
+
+
+def test_read_run_resolves_a_resumed_run_last_write_wins(tmp_path):
+    """Updates 1..6 logged, update 3 skipped, checkpoint at update 4; the process dies while writing update 7.
+    The restart (resumed_at_update=4) logs updates 5..8 again and epoch 1 is not repeated."""
+    path = tmp_path / "run" / "metrics.jsonl"
+    with JsonlWriter(path) as log:
+        log.write(_start(0, 1.0))
+        for update in (1, 2, 4):
+            log.write(_step(update, loss=10.0 - update))
+        log.write(SkipRecord(update=3, epoch=1, time=3.0))
+        log.write(_epoch(1, 7.5))
+        for update in (5, 6):
+            log.write(_step(update, loss=100.0 + update))  # lost with the process: its weights are not kept
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "update": 7, "epo')  # the line the kill cut
+    with JsonlWriter(path) as log:  # the restart drops the cut line
+        log.write(_start(4, 50.0))
+        for update in (5, 6, 7, 8):
+            log.write(_step(update, loss=1.0 / update))
+        log.write(_epoch(2, 0.25))
+
+    run = read_run(path.parent)
+    assert [(r.resumed_at_update, r.time) for r in run.starts] == [(0, 1.0), (4, 50.0)]
+    assert run.header == run.starts[0]
+    assert [r.update for r in run.steps] == [1, 2, 4, 5, 6, 7, 8]
+    assert [r.loss for r in run.steps] == [9.0, 8.0, 6.0, 0.2, 1 / 6, 1 / 7, 0.125]
+    assert [r.update for r in run.skips] == [3]
+    assert [(r.epoch, r.train_loss) for r in run.epochs] == [(1, 7.5), (2, 0.25)]
+    assert read_run(path) == run  # the file itself, or its run directory
+
+    # an epoch logged again (a restart from before its end) counts once, with the restart's values
+    with JsonlWriter(path) as log:
+        log.write(_epoch(2, 0.125))
+    assert [(r.epoch, r.train_loss) for r in read_run(path).epochs] == [(1, 7.5), (2, 0.125)]
+
+
+def test_read_run_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(_start(0, 1.0).as_dict()) + "\n" + json.dumps({"kind": "stpe", "update": 1}) + "\n")
+    with pytest.raises(RecordError, match=r"metrics\.jsonl:2: unknown record kind 'stpe'"):
+        read_run(path)
+    path.write_text(json.dumps({"kind": "epoch", "train_loss": 1.0}) + "\n")
+    with pytest.raises(RecordError, match=r"metrics\.jsonl:1: a epoch record without a numeric 'epoch'"):
+        read_run(tmp_path)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"bare.metrics\.jsonl not found \(.*bare is not a run directory\)"):
+        read_run(tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_run(tmp_path / "nope" / "metrics.jsonl")
+    empty = read_run(tmp_path / "nope", missing_ok=True)
+    assert (empty.starts, empty.steps, empty.skips, empty.epochs, empty.header) == ([], [], [], [], None)
 
 
 # ------------------------------------------------------------------------------- throughput
@@ -339,6 +456,12 @@ def test_plot_main(tmp_path, capsys):
     bare.mkdir()
     assert plot_main([str(bare)]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+    # a line the reader does not know: one line naming the file and line, no traceback
+    (bare / "metrics.jsonl").write_text(json.dumps({"kind": "run", "name": "x"}) + "\n" + json.dumps({"kind": "stp"}))
+    assert plot_main([str(bare)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl:2: unknown record kind 'stp'" in err
 
     a, b = tmp_path / "a", tmp_path / "b"
     _write_run(a, "a", 256)
