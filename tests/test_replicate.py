@@ -182,6 +182,9 @@ def test_scaling_mode_sweeps_sgd_and_lars_and_runs_table1_five_times(tmp_path):
         assert (plan.per_device_batch_size, plan.accumulation_steps) == {
             32: (16, 2), 128: (64, 2), 512: (128, 4), 2048: (128, 16)}[kn]
         assert 100 * 160 // kn == {32: 500, 128: 125, 512: 31, 2048: 7}[kn]
+        # About 10 step records per epoch at every kn, each update's gradients measured for the noise scale.
+        assert (cfg.run.log_every_updates, cfg.run.noise_scale_every_updates) == (
+            {32: 50, 128: 12, 512: 3, 2048: 1}[kn], 1)
     # Every setting's first seed trains before any second seed: a stopped sweep has every point.
     order = [run.name for run in training_order(runs)]
     assert len(by_setting) == 10 and order[:10] == [f"{s}-seed0" for s in by_setting] and order[-2:] == [

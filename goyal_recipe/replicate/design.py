@@ -85,6 +85,9 @@ class Mode:
     """n: images per BN statistics group at every kn."""
     min_micro_batches: int = 1
     """Gradients per update at the least (micro-batch <= kn / this): the noise scale needs two."""
+    step_records_per_epoch: int | None = None
+    """Step records (loss, LR, noise scale) per epoch at every kn, the noise scale then measured on every
+    update; None: the base recipe's logging and measuring cadence, in updates."""
 
     def settings(self) -> list[Setting]:
         """Every distinct run setting of the mode, in report order; a setting shared by two tables runs once."""
@@ -105,6 +108,13 @@ class Mode:
 
     def micro_batch(self, global_batch_size: int) -> int:
         return min(global_batch_size // self.min_micro_batches, self.max_micro_batch)
+
+    def logging_overrides(self, global_batch_size: int, train_images: int) -> list[str]:
+        if self.step_records_per_epoch is None:
+            return []
+        updates_per_epoch = train_images // global_batch_size
+        every = max(1, updates_per_epoch // self.step_records_per_epoch)
+        return [f"run.log_every_updates={every}", "run.noise_scale_every_updates=1"]
 
     @property
     def error_epochs(self) -> int:
@@ -136,7 +146,7 @@ MODES = {
         train_per_class=160, val_per_class=20, epochs=9, milestones=(3, 6, 8), warmup_epochs=0.5,
         baseline_kn=32, large_kn=128, sweep_kn=(32, 128, 512, 2048), ablations=(), seeds=(0, 1, 2),
         max_micro_batch=128, workers=0, table1_seeds=(0, 1, 2, 3, 4), sweep_optimizers=("sgd", "lars"),
-        bn_group_size=16, min_micro_batches=2),
+        bn_group_size=16, min_micro_batches=2, step_records_per_epoch=10),
 }
 
 
@@ -173,13 +183,15 @@ def build_runs(mode_name: str, runs_dir: Path, seeds: Sequence[int] | None = Non
     """The runs of a mode: each setting once per seed (`seeds` replaces the mode's), each a validated recipe."""
     mode = MODES[mode_name]
     common = mode_overrides(mode_name, runs_dir)
+    classes = load_config(base_recipe, common).data.generate.num_classes
     runs = []
     for setting in mode.settings():
+        kn = setting.global_batch_size
         for seed in mode.seeds_of(setting) if seeds is None else seeds:
             name = f"{setting.name}-seed{seed}"
-            overrides = (*common, *setting.overrides(),
-                         f"batch.per_device_batch_size={mode.micro_batch(setting.global_batch_size)}",
-                         f"run.seed={seed}", f"run.name={name}")
+            overrides = (*common, *setting.overrides(), f"batch.per_device_batch_size={mode.micro_batch(kn)}",
+                         *mode.logging_overrides(kn, classes * mode.train_per_class), f"run.seed={seed}",
+                         f"run.name={name}")
             config = load_config(base_recipe, list(overrides))
             runs.append(Run(setting, seed, name, config.run_dir, config, overrides))
     return runs
