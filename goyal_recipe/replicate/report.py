@@ -10,30 +10,26 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..metrics import read_jsonl
+from ..records import RunLog, read_run
 from ..report import figure_axes, save_figure
 from .design import (IMAGENET_TRAIN_IMAGES, MODES, PAPER_ABLATIONS, PAPER_ERROR_BY_KN, PAPER_TABLE1, PAPER_TABLE1_KN,
                      Mode, Run, Setting, _listing)
 
 
-def read_records(metrics_path: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (empty if absent)."""
-    return list(read_jsonl(metrics_path)) if metrics_path.is_file() else []
+def read_log(run: Run) -> RunLog:
+    """The run's records, each update and epoch once (a resumed run's last record wins); empty if absent."""
+    return read_run(run.run_dir, missing_ok=True)
 
 
-def epoch_curve(records: Sequence[dict]) -> list[dict]:
-    """The per-epoch errors of a run's records; a resumed run's last record of an epoch wins."""
+def epoch_curve(log: RunLog) -> list[dict]:
+    """The per-epoch errors of a run."""
     keys = ("epoch", "train_loss", "train_top1_error", "val_top1_error", "lr")
-    epochs = {int(r["epoch"]): {k: r.get(k) for k in keys} for r in records if r.get("kind") == "epoch"}
-    return [epochs[e] for e in sorted(epochs)]
+    return [{k: getattr(e, k) for k in keys} for e in log.epochs]
 
 
-def noise_curve(records: Sequence[dict]) -> list[tuple[float, float]]:
-    """(fractional epoch, B_simple) of each step record that holds a resolved noise scale; a resumed run's
-    last record of an update wins."""
-    by_update = {int(r["update"]): (float(r["epoch"]), r.get("noise_scale"))
-                 for r in records if r.get("kind") == "step"}
-    return [point for _, point in sorted(by_update.items()) if point[1] is not None]
+def noise_curve(log: RunLog) -> list[tuple[float, float]]:
+    """(fractional epoch, B_simple) of each step record that holds a resolved noise scale."""
+    return [(s.epoch, s.noise_scale) for s in log.steps if s.noise_scale is not None]
 
 
 def noise_at(curve: Sequence[tuple[float, float]], epoch: float) -> float | None:
@@ -57,18 +53,16 @@ def collect(mode_name: str, runs: Sequence[Run]) -> list[dict]:
     mode = MODES[mode_name]
     records = []
     for run in runs:
-        logged = read_records(run.run_dir / "metrics.jsonl")
-        curve = epoch_curve(logged)
-        noise = noise_curve(logged)
-        header = next((r for r in logged if r.get("kind") == "run"), {})
-        times = [r["time"] for r in logged if r.get("time") is not None]
+        log = read_log(run)
+        curve, noise = epoch_curve(log), noise_curve(log)
+        times = [r.time for r in (*log.starts, *log.steps, *log.epochs) if r.time is not None]
         cfg = run.config
         records.append({
             "name": run.name, "setting": asdict(run.setting), "seed": run.seed,
             "global_batch_size": run.setting.global_batch_size, "bn_group_size": cfg.model.bn_group_size,
             "bn_groups": run.setting.global_batch_size // cfg.model.bn_group_size,
             "peak_lr": cfg.schedule().peak_lr,
-            "updates_per_epoch": header.get("updates_per_epoch"),
+            "updates_per_epoch": log.header.updates_per_epoch if log.header else None,
             "error": final_error(curve, mode), "train_s": max(times) - min(times) if times else None,
             "b_simple_early": noise_at(noise, 1.0), "b_simple_late": noise[-1][1] if noise else None,
             "epochs": curve, "noise_scale": noise})

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from ..config import dump_config
 from .design import Mode, Run
-from .report import epoch_curve, final_error, read_records
+from .report import epoch_curve, final_error, read_log
 
 
 def recipe_path(run: Run) -> Path:
@@ -34,7 +34,7 @@ def train_command(run: Run) -> list[str]:
 
 
 def is_finished(run: Run, mode: Mode) -> bool:
-    return final_error(epoch_curve(read_records(run.run_dir / "metrics.jsonl")), mode) is not None
+    return final_error(epoch_curve(read_log(run)), mode) is not None
 
 
 def training_order(runs: Sequence[Run]) -> list[Run]:
@@ -78,7 +78,7 @@ def run_all(runs: Sequence[Run], mode: Mode, jobs: int, threads_per_job: int, lo
                 print(f"[{done}] {job.run.name}: FAILED (exit {job.process.returncode}); see {log_dir / job.run.name}.log",
                       flush=True)
                 continue
-            error = final_error(epoch_curve(read_records(job.run.run_dir / "metrics.jsonl")), mode)
+            error = final_error(epoch_curve(read_log(job.run)), mode)
             print(f"[{done}] {job.run.name}: top-1 error {error if error is None else f'{error:.2f}%'} "
                   f"({took:.0f} s)", flush=True)
     return failed
