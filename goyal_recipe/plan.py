@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import UserError
+from .records import METRICS_FILE, read_run
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 GB = 1e9
@@ -255,20 +256,15 @@ class NoiseScaleReading:
 
 def read_noise_scale(run_dir: str | Path) -> NoiseScaleReading | None:
     """The run's measured gradient noise scale, or None when its step records carry none."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise PlanError(f"{path} not found; pass --run-dir a run directory written by goyal-train")
-    values = []
-    for line_number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise PlanError(f"{path} line {line_number} is not JSON; pass the metrics.jsonl of a goyal-train run")
-        value = record.get("noise_scale") if record.get("kind") == "step" else None
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            values.append(float(value))
+    try:
+        steps = read_run(path).steps
+    except ValueError as e:  # a line that is not JSON, or not a record
+        raise PlanError(f"{e}; pass the metrics.jsonl of a goyal-train run") from None
+    values = [float(r.noise_scale) for r in steps
+              if isinstance(r.noise_scale, (int, float)) and math.isfinite(r.noise_scale)]
     if not values:
         return None
     late = values[len(values) // 2:]  # B_simple grows as the loss falls; the late value sets the limit
