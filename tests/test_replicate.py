@@ -249,8 +249,8 @@ def test_scaling_report_reads_the_sweep_by_its_rules(tmp_path):
     assert ("- **SGD** error rises from kn = 512 (last kn not decisively above kn = 32: 128); B_simple of the "
             "kn = 32 SGD runs: 100 after epoch 1, 400 at the end. The rise starts at 1.3x the late B_simple and "
             "5.1x the early one; the late B_simple lies inside [128, 512].") in report
-    assert ("- **LARS** past the late B_simple, against its own kn = 32: kn = 512: +1.00 (+1.2 SE); "
-            "kn = 2048: +2.00 (+2.4 SE): not flat (flat: no point decisively above).") in report
+    assert ("- **LARS** past the late B_simple, against SGD at kn = 32 (the accuracy to keep): kn = 512: +3.00 "
+            "(+4.1 SE); kn = 2048: +4.00 (+5.5 SE): not flat (flat: no point decisively above).") in report
     assert "kn = 512: -7.00 (-8.6 SE); kn = 2048: -27.00 (-20.9 SE)." in report  # LARS minus SGD
     png = tmp_path / "out" / "error_vs_kn.png"
     assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
