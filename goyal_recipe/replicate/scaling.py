@@ -5,8 +5,9 @@ The rules. Two means differ decisively when their gap is at least 2 standard err
 sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample std s over n seeds). SGD's error "rises" at the smallest kn from
 which every larger kn is decisively above the smallest kn's error. LARS "stays flat" past B_simple when
 none of its points there is decisively above SGD's error at the smallest kn, the accuracy a larger kn is
-meant to keep. The noise scale they are set against is B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, App. A.1) measured in the smallest-kn SGD runs,
-after the first epoch ("early") and at the end ("late"), since B_simple grows as the loss falls.
+meant to keep. The noise scale they are set against is B_simple = tr(Sigma) / |G|^2 (McCandlish et
+al. 2018, App. A.1) measured in the smallest-kn SGD runs, after the first epoch ("early") and at the
+end ("late"), since B_simple grows as the loss falls.
 """
 
 from __future__ import annotations
