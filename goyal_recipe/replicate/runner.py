@@ -75,8 +75,8 @@ def run_all(runs: Sequence[Run], mode: Mode, jobs: int, threads_per_job: int, lo
             took = time.monotonic() - job.started
             if job.process.returncode:
                 failed.append(job.run.name)
-                print(f"[{done}] {job.run.name}: FAILED (exit {job.process.returncode}); see {log_dir / job.run.name}.log",
-                      flush=True)
+                print(f"[{done}] {job.run.name}: FAILED (exit {job.process.returncode}); "
+                      f"see {log_dir / job.run.name}.log", flush=True)
                 continue
             error = final_error(epoch_curve(read_log(job.run)), mode)
             print(f"[{done}] {job.run.name}: top-1 error {error if error is None else f'{error:.2f}%'} "

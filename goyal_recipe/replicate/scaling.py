@@ -188,7 +188,8 @@ def plot_error_and_noise(mode: Mode, summary: dict[str, dict], path: Path) -> Pa
         for curve in summary[Setting(kn).name].get("noise_curves", []):
             right.plot(*zip(*curve), color=f"C{i}", alpha=0.6, linewidth=0.8)
         right.axhline(kn, color=f"C{i}", linestyle="--", linewidth=0.8, label=f"kn = {kn}")
-    right.set(yscale="log", xlabel="epochs", ylabel="B_simple (images)", title="measured noise scale, SGD (one line per seed)")
+    right.set(yscale="log", xlabel="epochs", ylabel="B_simple (images)",
+              title="measured noise scale, SGD (one line per seed)")
     return save_figure(fig, [left, right], path, legend_fontsize=8)
 
 
@@ -211,10 +212,11 @@ def write_scaling_report(mode_name: str, records: Sequence[dict], out_dir: Path,
              "### Error against kn: SGD and LARS, each with the linear rule and gradual warmup", "",
              *sweep_table(mode, summary), "", "![error against kn and the noise scale](error_vs_kn.png)", "",
              *table1_lines(mode, summary), "",
-             f"### The paper's Table 1 orderings: gaps in points and in standard errors ({DECISIVE_Z:g} SE: decisive)", "",
+             f"### The paper's Table 1 orderings: gaps in points and in standard errors "
+             f"({DECISIVE_Z:g} SE: decisive)", "",
              *table(["ordering", "paper", "paper's verdict", "here", "verdict here"], order_rows), "",
-             "![warmup curves](curves_warmup.png)", "", "### Reading (by the rules in goyal_recipe/replicate/scaling.py)",
-             "", *reading(mode, summary), ""]
+             "![warmup curves](curves_warmup.png)", "",
+             "### Reading (by the rules in goyal_recipe/replicate/scaling.py)", "", *reading(mode, summary), ""]
     report = out_dir / "results.md"
     report.write_text("\n".join(lines))
     return [results, report, *figures]
