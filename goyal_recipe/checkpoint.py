@@ -16,32 +16,21 @@ by `resume=auto`. The directory must be on a file system all ranks share.
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 import re
 import shutil
-import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .errors import UserError
+from .state_files import CheckpointError, fit, model_state, read_tensors, read_torch  # noqa: F401 (public here)
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^update_(\d+)$")
 _BUFFERS = re.compile(r"^buffers_rank(\d+)\.safetensors$")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be resumed from: missing, incomplete, corrupt, hostile, or of another model.
-
-    `rank_local`: found in a file only this rank reads, so this rank must report it (not only rank 0)."""
-
-    rank_local = False
 
 
 def _rank_local(read, path: Path):
@@ -71,45 +60,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _corrupt(path: Path, error: BaseException) -> CheckpointError:
-    reason = (str(error).splitlines() or [type(error).__name__])[0][:160] or type(error).__name__
-    return CheckpointError(f"{path} is corrupt or truncated ({reason}); resume from an older checkpoint "
-                           "(delete this one) or set run.resume=none")
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file on the CPU, or a CheckpointError naming it."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: resume from another one")
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise _corrupt(path, e) from None
-
-
-def read_torch(path: Path):
-    """A `torch.save` file of tensors and plain data (`weights_only=True`), or a CheckpointError naming it."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: resume from another one")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused an object: loading it could run code
-        raise CheckpointError(f"{path} holds pickled objects that loading would execute "
-                              f"({str(e).splitlines()[0][:120]}); refused: resume only from checkpoints this "
-                              "project wrote") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise _corrupt(path, e) from None
-
-
-def fit(path: Path, load, what: str) -> None:
-    """Run `load()` (a load_state_dict); a mismatch is a CheckpointError naming the file."""
-    try:
-        load()
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} does not fit this {what} ({' '.join(str(e).split())[:200]}); resume with "
-                              "the recipe that wrote it, or set run.resume=none") from None
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -123,11 +73,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def model_state(engine, model) -> dict:
-    """The unwrapped model's state dict on the CPU, contiguous: what safetensors stores."""
-    return {k: v.detach().contiguous().cpu() for k, v in engine.unwrap(model).state_dict().items()}
 
 
 def _float_buffers(engine, model) -> dict[str, torch.Tensor]:

@@ -79,8 +79,6 @@ class RunConfig(_Section):
     """Experiment trackers that also receive the metrics (tensorboard needs the tracking extra)."""
     plots: bool = True
     """Draw plots/*.png (error, loss, LR curves) at the end of the run."""
-    log_samples: bool = False
-    """Write the sample indices of every update per rank to samples_rank<r>.jsonl (debugging, tests)."""
     max_consecutive_nonfinite: int = Field(3, ge=0)
     """Updates with a non-finite loss or gradient are skipped (all ranks agree); more in a row stops the run."""
     keep_freed_cpu_memory: bool = True
@@ -88,8 +86,6 @@ class RunConfig(_Section):
     to the kernel (glibc's mallopt; about 9 % faster updates); the process keeps its peak heap size."""
     collective_timeout_s: int = Field(1800, ge=1)
     """A rank waiting longer than this in a collective (e.g. for a dead peer) fails instead of hanging."""
-    inject_nonfinite_updates: list[int] = []
-    """Fault injection for tests: the loss of these updates (1-based) is made NaN on the last rank."""
     noise_scale: bool = True
     """Measure the gradient noise scale B_simple (McCandlish et al. 2018) from each update's own gradients:
     logged as noise_scale, noise_grad_sq, noise_trace_sigma; needs world size x accumulation steps >= 2."""
@@ -239,6 +235,15 @@ class OptimConfig(_Section):
     """Clip the global gradient norm before each update; None (the paper): no clipping."""
 
 
+class DebugConfig(_Section):
+    """Switches for finding faults in the loop (and for its tests); a run for results leaves them off."""
+
+    log_samples: bool = False
+    """Write the sample indices of every update per rank to samples_rank<r>.jsonl (check data coverage)."""
+    inject_nonfinite_updates: list[int] = []
+    """Fault injection: the loss of these updates (1-based loop iterations) is made NaN on the last rank."""
+
+
 class DeepSpeedConfig(_Section):
     """Settings of engine=deepspeed. The batch chain, optimizer, LR and precision come from the recipe."""
 
@@ -255,9 +260,11 @@ class RecipeConfig(_Section):
     model: ModelConfig = ModelConfig()
     batch: BatchConfig = BatchConfig()
     optim: OptimConfig = OptimConfig()
-    engine: Literal["accelerate", "deepspeed"] = "accelerate"
-    """What drives the loop: accelerate (DDP) or DeepSpeed (under its launcher or accelerate's plugin)."""
+    engine: Literal["accelerate", "deepspeed", "local"] = "accelerate"
+    """What drives the loop: accelerate (DDP), DeepSpeed (under its launcher or accelerate's plugin), or local
+    (one CPU process, no launcher or process group: for debugging a recipe in a debugger, and the loop's tests)."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    debug: DebugConfig = DebugConfig()
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -418,6 +425,10 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+# Keys that moved to another section, and where they are now.
+_MOVED = {"run.log_samples": "debug.log_samples", "run.inject_nonfinite_updates": "debug.inject_nonfinite_updates"}
+
+
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     loc = first["loc"]
@@ -429,6 +440,8 @@ def _one_line(error: ValidationError) -> str:
     if not key:  # a check across fields: the message names them
         return message
     if first["type"] == "extra_forbidden":
+        if key in _MOVED:
+            return f"unknown key {key}; it is now {_MOVED[key]}"
         section = _section_at(loc)
         close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields) if section else [], n=1)
         prefix = ".".join(str(p) for p in loc[:-1])

@@ -15,8 +15,9 @@ from .loss import global_batch_loss
 from .lr import GoyalLR
 from .metrics import topk_correct
 from .model import build_model, compile_model
-from .noise_scale import BackwardGradNorms, GradientNoiseScale, grad_sq_norm
+from .noise_scale import BackwardGradNorms, GradientNoiseScale
 from .optim import LAYERWISE, build_optimizer
+from .progress import UpdateResult, UpdateSums
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def build_training(cfg: RecipeConfig, engine, plan: BatchPlan, num_classes: int,
                                 weight_decay=o.weight_decay, norm_weight_decay=o.norm_weight_decay,
                                 bias_weight_decay=o.bias_weight_decay, momentum_correction=o.momentum_correction,
                                 trust_coefficient=o.trust_coefficient)
-    model, optimizer = engine.prepare(model, optimizer)
+    model, optimizer = engine.prepare(model, optimizer, plan)
     if cfg.model.compile:
         model = compile_model(model)
     return model, optimizer, GoyalLR(optimizer, cfg.schedule(), updates_per_epoch)
@@ -80,14 +81,6 @@ class NoiseScaleMeter:
         ranks = engine.world_size if engine.grad_reduction == "mean" else 1
         loss_scale = plan.per_device_batch_size * ranks / plan.global_batch_size
         self.small_factor = 1.0 / (loss_scale ** 2 * self.pairs)
-
-    def reduced_sq_norm(self, after_step: bool):
-        """|G_big|^2: the reduced gradient's squared norm, from .grad before the step, or from the engine
-        where it keeps reduced gradients elsewhere (DeepSpeed ZeRO-1, read after its step)."""
-        own = getattr(self.engine, "reduced_grad_sq_norm", None)
-        if own is not None:
-            return own(self.model, after_step)
-        return None if after_step else grad_sq_norm(self.params)
 
     def record(self, small_sq_sum: torch.Tensor, big_sq_norm) -> None:
         """Keep an applied update's squared norms where they are (on the device): they are read when the
@@ -148,9 +141,10 @@ def noise_scale_meter(cfg: RecipeConfig, engine, plan: BatchPlan, model) -> Nois
 
 class TrainStep:
     """The accumulation micro-batches of one update: forward, the loss of Remark 3, backward, then the
-    optimizer step if every rank's loss and gradients are finite (one collective), else a skip that also
-    puts back the BN running statistics the forward passes moved. With `run.noise_scale`, the same
-    collective also sums the micro-batch gradients' squared norms (`self.noise`, a `NoiseScaleMeter`)."""
+    engine's `finish_update`, which applies the update if every rank's loss and gradients are finite (one
+    collective) or drops it; a dropped update also gets back the BN running statistics its forward passes
+    moved. With `run.noise_scale`, the same collective also sums the micro-batch gradients' squared norms
+    (`self.noise`, a `NoiseScaleMeter`)."""
 
     def __init__(self, cfg: RecipeConfig, engine, plan: BatchPlan, model, optimizer, scheduler: GoyalLR):
         self.engine, self.plan, self.model, self.optimizer, self.scheduler = engine, plan, model, optimizer, scheduler
@@ -173,12 +167,11 @@ class TrainStep:
         if self.noise is not None and state is not None:
             self.noise.tracker.load_state_dict(state)
 
-    def __call__(self, batches: Iterator, poison: bool = False) -> tuple[torch.Tensor, float, bool, list[int]]:
-        """Returns (stats, lr, applied, indices): stats = [loss sum, top-1 correct, images, bad images]
-        of this rank, the LR of the update, whether it was applied, and the sample indices used.
-        `poison` makes this rank's loss NaN (fault injection)."""
+    def __call__(self, batches: Iterator, poison: bool = False) -> UpdateResult:
+        """One update from the next `accumulation_steps` batches of `batches`. `poison` makes this rank's loss
+        NaN (the `debug.inject_nonfinite_updates` fault injection)."""
         engine, plan, device = self.engine, self.plan, self.engine.device
-        stats = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = UpdateSums.zeros(device)
         images_used = bad_images = 0  # counted on the host from the loader's CPU tensors
         indices: list[int] = []
         self.norm_statistics.save()
@@ -201,33 +194,20 @@ class TrainStep:
                     per_sample = per_sample * float("nan")
                 engine.backward(global_batch_loss(per_sample, plan.global_batch_size, engine.world_size,
                                                   engine.grad_reduction))
-            stats[:2] += torch.stack([per_sample.detach().sum().double(),
-                                      topk_correct(logits.detach(), labels, ks=(1,))[0]])
+            sums.add_micro_batch(per_sample.detach().sum(), topk_correct(logits.detach(), labels, ks=(1,))[0])
             images_used += labels.numel()
             bad_images += int(bad.sum())
             indices += index.tolist()
-        # Written as scalars, not copied from the host: a blocking copy to CUDA waits for the kernels queued.
-        stats[2], stats[3] = images_used, bad_images
+        sums.set_counts(images_used, bad_images)
         lr = self.scheduler.lr_at(self.scheduler.updates_done)
-        local = torch.isfinite(stats[0]) & engine.grads_finite(self.model).to(device)
-        if noise is None:
-            reduced = engine.all_reduce_sum((~local).double().reshape(1))
-        else:
-            big_sq_norm = noise.reduced_sq_norm(after_step=False)
-            reduced = engine.all_reduce_sum(torch.stack([(~local).double(), noise.norms.take().double().to(device)]))
-        finite = bool(reduced[0] == 0)
-        if finite:
-            # False where the engine dropped the update itself, on gradients .grad does not show
-            # (DeepSpeed ZeRO-1 keeps the reduced ones in its own buffers and checks their norm).
-            applied = engine.step(self.model, self.optimizer)
-        else:
-            engine.skip(self.model, self.optimizer)
-            applied = False
-        if applied:
+        small_sq_sum = noise.norms.take().reshape(1) if noise is not None else None
+        # The update's one host synchronisation is inside finish_update: every rank reads the all-reduced verdict.
+        outcome = engine.finish_update(self.model, self.optimizer, torch.isfinite(sums.loss_sum), small_sq_sum,
+                                       measure_grad_norm=noise is not None)
+        if outcome.applied:
             self.scheduler.step()
             if noise is not None:
-                noise.record(reduced[1], big_sq_norm if big_sq_norm is not None
-                             else noise.reduced_sq_norm(after_step=True))
+                noise.record(outcome.reduced_sums[0], outcome.grad_sq_norm)
         else:
             self.norm_statistics.restore()
-        return stats, lr, applied, indices
+        return UpdateResult(sums, lr, outcome.applied, indices)

@@ -1,4 +1,8 @@
-"""The training loop: build -> (train epoch, evaluate, checkpoint) x epochs -> export."""
+"""The training loop: build -> (train epoch, evaluate, checkpoint) x epochs -> export.
+
+What a module owns is written in `engines/base.py`; the loop's rules (position, sums, when to
+checkpoint) are in `progress.py`, so that this file reads as the loop and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ from .engines import make_engine
 from .engines.base import TrainingDiverged
 from .errors import UserError
 from .metrics import EvalCounter, JsonlWriter, ThroughputMeter, format_epoch_line, format_step_line
+from .progress import Progress, checkpoint_due
 from .schedule import format_table
 from .step import TrainStep, build_training
+from .trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -56,61 +62,11 @@ def _preflight(run_dir: Path) -> None:
         raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); set run.output_dir to a writable path") from None
 
 
-class Progress:
-    """Where the run is, and the running sums of its current epoch: both go into every checkpoint, so an
-    epoch resumed mid-way reports what the uninterrupted epoch would (train loss, top-1 error, bad images).
-
-    `update` counts loop iterations (the data position, from which the epoch and the sample within it
-    follow; GoyalLR counts the updates really applied). `epoch_sums` and `window_sums` (loss sum, top-1
-    correct, images, substituted bad images) are this rank's own, summed over ranks only when reported: the
-    epoch's so far, and since the last step record. `state_dict` is the position, the same on every rank
-    (saved once); `sums_state_dict` is this rank's sums (saved per rank)."""
-
-    SHARED = ("update", "skipped_updates", "consecutive_skips")
-
-    def __init__(self, updates_per_epoch: int, global_batch_size: int, device: torch.device):
-        self.updates_per_epoch, self.global_batch_size = updates_per_epoch, global_batch_size
-        self.update = self.skipped_updates = self.consecutive_skips = 0
-        self.epoch_sums = torch.zeros(4, dtype=torch.float64, device=device)
-        self.window_sums = torch.zeros(4, dtype=torch.float64, device=device)
-
-    @property
-    def epoch(self) -> int:
-        return self.update // self.updates_per_epoch
-
-    @property
-    def epoch_samples_done(self) -> int:
-        """Training samples of the current epoch already used, over all ranks (the loader's position)."""
-        return (self.update - self.epoch * self.updates_per_epoch) * self.global_batch_size
-
-    def new_epoch(self) -> None:
-        self.epoch_sums.zero_()
-
-    def state_dict(self) -> dict:
-        return {**{key: getattr(self, key) for key in self.SHARED}, "updates_per_epoch": self.updates_per_epoch,
-                "global_batch_size": self.global_batch_size}
-
-    def sums_state_dict(self) -> dict:
-        return {"epoch_sums": self.epoch_sums.cpu().clone(), "window_sums": self.window_sums.cpu().clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the position, checked against this run's plan."""
-        saved = (int(state["global_batch_size"]), int(state["updates_per_epoch"]))
-        if saved != (self.global_batch_size, self.updates_per_epoch):
-            raise CheckpointError(f"the checkpoint was written with batch.global_batch_size={saved[0]} and {saved[1]} "
-                                  f"updates per epoch, this run has {self.global_batch_size} and "
-                                  f"{self.updates_per_epoch}; resume with the recipe and data that wrote it, or set "
-                                  "run.resume=none")
-        for key in self.SHARED:
-            setattr(self, key, int(state[key]))
-
-    def add_sums(self, state: dict) -> None:
-        """Add a rank's saved running sums to this rank's (onto zeros: restore them)."""
-        self.epoch_sums += state["epoch_sums"].to(self.epoch_sums.device)
-        self.window_sums += state["window_sums"].to(self.window_sums.device)
-
-
 class Trainer:
+    """The loop: after each update, the progress and its records; at an epoch's end, BN averaging, evaluation
+    and the epoch record; then a checkpoint where `checkpoint_due` says. The engine is whatever `cfg.engine`
+    names; everything here is the same on every engine."""
+
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
         self.engine = engine = make_engine(cfg)
@@ -133,13 +89,17 @@ class Trainer:
             _preflight(self.run_dir)
         self.train_step = TrainStep(cfg, engine, plan, self.model, self.optimizer, self.scheduler)
         self.total_updates = cfg.optim.epochs * self.updates_per_epoch
+        self.stop_at = min(self.total_updates, cfg.run.max_updates or self.total_updates)
         self.progress = Progress(self.updates_per_epoch, plan.global_batch_size, engine.device)
         # The update of this run's last checkpoint, None before its first (a failure then keeps the run directory).
         self.checkpointed_at: int | None = None
         self._resume()
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=engine.is_main)
-        self.samples = JsonlWriter(self.run_dir / f"samples_rank{engine.rank}.jsonl", enabled=cfg.run.log_samples)
+        self.samples = JsonlWriter(self.run_dir / f"samples_rank{engine.rank}.jsonl", enabled=cfg.debug.log_samples)
+        self.trackers = Trackers(cfg.run.trackers, self.run_dir / "tracking" / cfg.run.name, enabled=engine.is_main)
         self.meter = ThroughputMeter(total_updates=self.total_updates)
+        last_rank = engine.rank == engine.world_size - 1
+        self.poisoned = set(cfg.debug.inject_nonfinite_updates) if last_rank else set()
 
     @property
     def update(self) -> int:
@@ -174,9 +134,6 @@ class Trainer:
             tqdm.write(text)  # above the progress bar, if one is shown
 
     def _checkpoint(self) -> None:
-        """Checkpoint the current update, once: a stop inside an epoch may fall on a periodic checkpoint."""
-        if self.checkpointed_at == self.update:
-            return
         shared = {"scheduler": self.scheduler.state_dict(), "config": dump_config(self.cfg),
                   "progress": self.progress.state_dict(), "noise_scale": self.train_step.noise_state()}
         save_checkpoint(self.engine, self.run_dir, self.update, self.model, self.optimizer, shared,
@@ -191,87 +148,73 @@ class Trainer:
             self.metrics.write({"kind": "run", "name": cfg.run.name, "global_batch_size": self.plan.global_batch_size,
                                 "updates_per_epoch": self.updates_per_epoch, "epochs": cfg.optim.epochs,
                                 "world_size": engine.world_size, "resumed_at_update": self.update, "time": time.time()})
-        engine.init_trackers(cfg.run.name, _flat(cfg.model_dump(mode="json")))
-        stop_at = min(self.total_updates, cfg.run.max_updates or self.total_updates)
-        while self.update < stop_at:
-            epoch = self.progress.epoch
-            train_stats = self._train_epoch(epoch, stop_at)
-            if self.update % self.updates_per_epoch:  # stopped inside the epoch (max_updates)
-                self._checkpoint()
-                break
-            self._end_epoch(epoch, train_stats)
+        self.trackers.log_config(_flat(cfg.model_dump(mode="json")))
+        while self.update < self.stop_at:
+            self._train_epoch()
         self._finish()
         return self.run_dir
 
-    def _train_epoch(self, epoch: int, stop_at: int) -> dict:
-        cfg, engine, plan, U, progress = self.cfg, self.engine, self.plan, self.updates_per_epoch, self.progress
-        kn = plan.global_batch_size
-        first = self.update
-        # This rank's position in the epoch's permutation: its share of the samples already used.
-        self.data.train_sampler.set_epoch(epoch, start=progress.epoch_samples_done // engine.world_size)
+    def _train_epoch(self) -> None:
+        """The updates from the current position to the epoch's end or the run's stop."""
+        engine, progress, U = self.engine, self.progress, self.updates_per_epoch
+        epoch, kn = progress.epoch, self.plan.global_batch_size
+        self.data.train_sampler.set_epoch(epoch, start=progress.sampler_start(engine.world_size))
         self.model.train()
         epoch_start = time.perf_counter()
-        window = progress.window_sums
         batches = self.meter.timed(self.data.train_loader)
-        last_update = min((epoch + 1) * U, stop_at)
-        bar = tqdm(total=U, initial=first - epoch * U, desc=f"epoch {epoch + 1}", unit="update", leave=False,
+        bar = tqdm(total=U, initial=progress.update_in_epoch, desc=f"epoch {epoch + 1}", unit="update", leave=False,
                    disable=not (engine.is_main and sys.stderr.isatty()))
-        inject = set(cfg.run.inject_nonfinite_updates) if engine.rank == engine.world_size - 1 else set()
-        while self.update < last_update:
-            stats, lr, applied, indices = self.train_step(batches, poison=self.update + 1 in inject)
-            if applied:
-                window += stats
-                progress.epoch_sums += stats
-                progress.consecutive_skips = 0
-            else:
-                self._skipped(epoch)
-            progress.update += 1
+        while True:
+            result = self.train_step(batches, poison=self.update + 1 in self.poisoned)
+            progress.finish_update(result)
             self.meter.step_done(kn)
             bar.update()
-            self.samples.write({"epoch": epoch, "update": self.update, "indices": indices})
-            due = self.update % cfg.run.log_every_updates == 0 or self.update == last_update
-            if due and window[2] > 0:  # nothing to log when every update of the window was skipped
-                self._log_step(epoch, engine.all_reduce_sum(window), lr)
-                window.zero_()
-            if cfg.run.checkpoint_every_updates and self.update % cfg.run.checkpoint_every_updates == 0 \
-                    and self.update % U:
+            self.samples.write({"epoch": epoch, "update": self.update, "indices": result.indices})
+            if not result.applied:
+                self._skipped(epoch)
+            epoch_done = progress.at_epoch_end
+            if self.update % self.cfg.run.log_every_updates == 0 or epoch_done or self.update == self.stop_at:
+                self._log_step(epoch, result.lr)
+            if epoch_done:
+                bar.close()
+                self._end_epoch(epoch, time.perf_counter() - epoch_start)
+            if checkpoint_due(self.update, U, self.cfg.run.checkpoint_every_updates, self.stop_at):
                 self._checkpoint()
+            if epoch_done or self.update >= self.stop_at:
+                break
         bar.close()
-        totals = engine.all_reduce_sum(progress.epoch_sums)
-        return {"train_loss": float(totals[0] / totals[2]), "train_top1_error": float(100 * (1 - totals[1] / totals[2])),
-                "train_bad_images": int(totals[3]), "skipped_updates": progress.skipped_updates,
-                "epoch_s": time.perf_counter() - epoch_start}
 
     def _skipped(self, epoch: int) -> None:
-        """Count a dropped update; stop after more than run.max_consecutive_nonfinite in a row."""
-        progress = self.progress
-        progress.skipped_updates += 1
-        progress.consecutive_skips += 1
-        in_a_row = progress.consecutive_skips
-        first = self.update + 2 - in_a_row
-        self.metrics.write({"kind": "skip", "update": self.update + 1, "epoch": epoch + 1,
+        """Record a dropped update; stop after more than run.max_consecutive_nonfinite in a row."""
+        in_a_row = self.progress.consecutive_skips
+        first = self.update + 1 - in_a_row
+        self.metrics.write({"kind": "skip", "update": self.update, "epoch": epoch + 1,
                             "reason": "non-finite loss or gradient", "time": time.time()})
-        self._print(f"update {self.update + 1}: non-finite loss or gradient on some rank; update skipped "
+        self._print(f"update {self.update}: non-finite loss or gradient on some rank; update skipped "
                     f"({in_a_row} in a row)")
         if in_a_row > self.cfg.run.max_consecutive_nonfinite:
-            progress.update += 1
             self._checkpoint()
             raise TrainingDiverged(
                 f"{in_a_row} updates in a row had a non-finite loss or gradient (from update {first}); "
                 f"the weights of update {first - 1} are saved in checkpoint update_{self.update:09d}. "
                 "Lower optim.base_lr, check the data, or raise run.max_consecutive_nonfinite")
 
-    def _log_step(self, epoch: int, window: torch.Tensor, lr: float) -> None:
-        loss = float(window[0] / window[2])
+    def _log_step(self, epoch: int, lr: float) -> None:
+        """A step record of the window since the last one; none when every update of the window was skipped."""
+        window = self.progress.window_sums.summed_over_ranks(self.engine)
+        if not float(window.images) > 0:
+            return
+        self.progress.window_sums.zero()
+        loss = window.mean_loss()
         U, meter, noise = self.updates_per_epoch, self.meter, self.train_step.noise_fields()
         record = {"kind": "step", "update": self.update, "epoch": self.update / U, "loss": loss, "lr": lr,
-                  "bad_images": int(window[3]),
+                  "bad_images": int(window.bad_images),
                   "images_per_s": meter.images_per_s, "data_wait_s": meter.mean_data_wait_s,
                   "step_s": meter.mean_step_s, **noise, "time": time.time()}
         self.metrics.write(record)
         noise = {f"train/{k}": v for k, v in noise.items() if v is not None}
-        self.engine.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": meter.images_per_s, **noise},
-                        self.update)
+        self.trackers.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": meter.images_per_s, **noise},
+                          self.update)
         self._print(format_step_line(epoch + 1, self.cfg.optim.epochs, self.update - epoch * U, U, loss, lr,
                                      meter.images_per_s, meter.mean_data_wait_s, meter.eta_s(self.update)))
 
@@ -295,8 +238,12 @@ class Trainer:
         summary["val_bad_images"] = int(self.engine.all_reduce_sum(bad_images))
         return summary
 
-    def _end_epoch(self, epoch: int, train_stats: dict) -> None:
+    def _end_epoch(self, epoch: int, epoch_s: float) -> None:
         cfg, engine = self.cfg, self.engine
+        totals = self.progress.epoch_sums.summed_over_ranks(engine)
+        train_stats = {"train_loss": totals.mean_loss(), "train_top1_error": totals.top1_error_pct(),
+                       "train_bad_images": int(totals.bad_images), "skipped_updates": self.progress.skipped_updates,
+                       "epoch_s": epoch_s}
         engine.average_buffers(self.model)
         self._check_ranks_agree()
         every = cfg.run.eval_every_epochs
@@ -307,13 +254,12 @@ class Trainer:
                   "val_top5_acc": None, "val_images": None, **evaluated,
                   "lr": self.scheduler.lr_at(self.scheduler.updates_done - 1), "time": time.time()}
         self.metrics.write(record)
-        engine.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)}, self.update)
+        self.trackers.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)}, self.update)
         self._print(format_epoch_line(record, cfg.optim.epochs))
         noise = self.train_step.noise_summary()
         if noise:
             self._print(noise)
         self.progress.new_epoch()  # before the checkpoint: a resume at the epoch's end starts the next one at zero
-        self._checkpoint()
         self.meter.reset_clock()
 
     def _check_ranks_agree(self) -> None:
@@ -330,6 +276,7 @@ class Trainer:
         engine = self.engine
         self.metrics.close()
         self.samples.close()
+        self.trackers.close()
         engine.barrier()
         if engine.is_main and self.update >= self.total_updates:
             save_file(model_state(engine, self.model), self.run_dir / "model.safetensors", metadata={"format": "pt"})

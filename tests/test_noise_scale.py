@@ -10,7 +10,7 @@ from torch import nn
 from _runs import EPOCHS, RECIPE, UPDATES_PER_EPOCH, overrides, records, train
 from goyal_recipe import GradientNoiseScale, Schedule, noise_scale_estimates
 from goyal_recipe.config import BatchPlan, load_config
-from goyal_recipe.engines.base import Engine
+from goyal_recipe.engines.local import LocalEngine
 from goyal_recipe.errors import UserError
 from goyal_recipe.lr import GoyalLR
 from goyal_recipe.noise_scale import BackwardGradNorms, grad_sq_norm
@@ -214,29 +214,6 @@ def test_deepspeed_launcher_two_processes_same_noise_scale(noise_runs, data_root
     assert_same_noise(tmp_path / "zero1", out / "one", updates=1)
 
 
-class _OneProcess(Engine):
-    """The engine contract on one CPU process, without a framework: what TrainStep calls, nothing more."""
-
-    device, precision, rank, world_size, grad_reduction = torch.device("cpu"), "fp32", 0, 1, "mean"
-
-    def unwrap(self, model):
-        return model
-
-    def backward(self, loss):
-        loss.backward()
-
-    def all_reduce_sum(self, tensor):
-        return tensor.clone()
-
-    def step(self, model, optimizer):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return True
-
-    def skip(self, model, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-
-
 class _HostTensor(torch.Tensor):
     """The loader's CPU tensors (sample indices, bad flags): reading them on the host waits for no device."""
 
@@ -253,7 +230,7 @@ def test_an_update_reads_one_device_value_on_the_host(monkeypatch):
                           nn.Linear(4, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = GoyalLR(optimizer, Schedule(global_batch_size=16, warmup="none", decay="none", epochs=1), 4)
-    train_step = TrainStep(cfg, _OneProcess(), plan, model, optimizer, scheduler)
+    train_step = TrainStep(cfg, LocalEngine(cfg), plan, model, optimizer, scheduler)
     batches = iter([(torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,)),
                      torch.arange(8 * i, 8 * i + 8).as_subclass(_HostTensor),
                      torch.tensor([0] * 7 + [i % 2]).as_subclass(_HostTensor)) for i in range(6)])
@@ -272,7 +249,7 @@ def test_an_update_reads_one_device_value_on_the_host(monkeypatch):
         stats, _, applied, indices = train_step(batches)
         assert applied and reads == ["__bool__"], (update, reads)
         assert indices == list(range(16 * update, 16 * update + 16))
-        assert stats[2:].tolist() == [16.0, 1.0]  # images, and the bad flag of the update's second micro-batch
+        assert [float(stats.images), float(stats.bad_images)] == [16.0, 1.0]  # images, and the bad flag of the update's second micro-batch
     reads.clear()
     fields = train_step.noise_fields()
     assert reads == ["tolist"] and train_step.noise.tracker.updates == 2

@@ -1,4 +1,4 @@
-"""Engine adapters: the only modules that import accelerate or deepspeed."""
+"""Engine adapters: the only modules that import accelerate or deepspeed. `base.Engine` is the contract."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ def make_engine(cfg):
     from .base import check_launch
 
     check_launch()
+    if cfg.engine == "local":
+        from .local import LocalEngine
+
+        return LocalEngine(cfg)
     if cfg.engine == "accelerate":
         from .accelerate import AccelerateEngine
 

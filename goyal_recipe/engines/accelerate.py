@@ -1,4 +1,4 @@
-"""Hugging Face accelerate as the engine: processes, devices, DDP, collectives, trackers.
+"""Hugging Face accelerate as the engine: processes, devices, DDP, collectives.
 
 The recipe owns what accelerate could also do, so that every engine runs the same maths:
 accumulation (no `gradient_accumulation_steps`, which would divide the loss a second time),
@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration,
-                               is_compiled_module)
-from safetensors.torch import save_file
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, is_compiled_module
 
-from ..checkpoint import fit, model_state, read_tensors, read_torch
 from ..config import ConfigError
-from .base import Engine, LaunchError, check_elastic_restart
+from ..noise_scale import grad_sq_norm
+from ..state_files import load_model_and_optimizer, save_model_and_optimizer
+from .base import Engine, LaunchError, UpdateOutcome, check_elastic_restart, grads_finite, verdict_and_sums
 
 
 class AccelerateEngine(Engine):
@@ -36,9 +35,8 @@ class AccelerateEngine(Engine):
         # Per-worker BN (the paper): buffers are not broadcast from rank 0 at each forward; they
         # are averaged by `average_buffers` before evaluation and checkpoints instead.
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+        # No trackers here: the trainer owns one writer for every engine (trackers.py).
         self.accelerator = Accelerator(
-            log_with=list(cfg.run.trackers) or None,
-            project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tracking")),
             kwargs_handlers=[ddp, InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout_s))],
             step_scheduler_with_optimizer=False,
         )
@@ -65,7 +63,7 @@ class AccelerateEngine(Engine):
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def prepare(self, model, optimizer):
+    def prepare(self, model, optimizer, plan):
         return self.accelerator.prepare(model, optimizer)
 
     def unwrap(self, model):
@@ -83,31 +81,26 @@ class AccelerateEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def skip(self, model, optimizer) -> None:
-        """Drop the update: weights and optimizer state stay as they are."""
-        optimizer.zero_grad(set_to_none=True)
-
-    def step(self, model, optimizer) -> bool:
-        """Clip, update, clear gradients; returns whether the update was applied."""
+    def finish_update(self, model, optimizer, loss_finite, extra_sums=None, measure_grad_norm=False) -> UpdateOutcome:
+        """Every rank applies the update (clip, step, clear) or every rank drops it (clear only)."""
+        params = list(self.unwrap(model).parameters())
+        finite, reduced_sums = verdict_and_sums(self, loss_finite & grads_finite(params, self.device), extra_sums)
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)  # weights and optimizer state stay as they are
+            return UpdateOutcome(False, reduced_sums, None)
+        norm = grad_sq_norm(params) if measure_grad_norm else None  # DDP left the averaged gradient in .grad
         if self.grad_clip_norm:
             self.accelerator.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return not optimizer.step_was_skipped  # only an fp16 GradScaler skips, and the recipe has none
+        applied = not optimizer.step_was_skipped  # only an fp16 GradScaler skips, and the recipe has none
+        return UpdateOutcome(applied, reduced_sums, norm if applied else None)
 
     def save_state(self, directory: Path, model, optimizer) -> None:
-        """Model as safetensors and optimizer state, from the main process (ranks hold equal copies)."""
-        if self.is_main:
-            save_file(model_state(self, model), directory / "model.safetensors")
-            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+        save_model_and_optimizer(self, directory, model, optimizer)
 
     def load_state(self, directory: Path, model, optimizer) -> None:
-        weights, moments = directory / "model.safetensors", directory / "optimizer.pt"
-        state = read_tensors(weights)
-        fit(weights, lambda: self.unwrap(model).load_state_dict(state), "model")
-        # Loaded on the CPU: Optimizer.load_state_dict moves each state to its parameter's device.
-        state = read_torch(moments)
-        fit(moments, lambda: optimizer.load_state_dict(state), "optimizer")
+        load_model_and_optimizer(self, directory, model, optimizer)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")
@@ -117,14 +110,6 @@ class AccelerateEngine(Engine):
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
-
-    def init_trackers(self, name: str, config: dict) -> None:
-        if self.accelerator.log_with:
-            self.accelerator.init_trackers(name, config=config)
-
-    def log(self, values: dict, step: int) -> None:
-        if self.accelerator.log_with:
-            self.accelerator.log(values, step=step)
 
     def end(self) -> None:
         self.accelerator.end_training()

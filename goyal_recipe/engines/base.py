@@ -1,10 +1,23 @@
-"""What every engine does the same way, on top of its own collectives."""
+"""The engine contract (`Engine`): what the loop asks of accelerate, DeepSpeed or the local engine.
+
+Who owns what:
+- `engines/<name>.py`: processes, devices, collectives, and the end of an update (`finish_update`:
+  apply or skip, in one place per engine). The only modules importing their framework.
+- `step.py`: one update's micro-batches (forward, the loss of Remark 3, backward), then `finish_update`.
+- `progress.py`: the position, the running sums and when a checkpoint is due.
+- `checkpoint.py`: a checkpoint directory's layout; engines write their model and optimizer state into
+  it through `save_state` (plain files via `state_files.py`, or DeepSpeed's own format).
+- `trainer.py`: the loop, its records and the trackers (one writer on the main process, whatever the engine).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -61,15 +74,61 @@ def check_elastic_restart() -> None:
                     "process group; %s", _STORE_FIX)
 
 
-class Engine:
-    """Subclasses provide device, rank, world_size, unwrap, all_reduce_sum and the update itself."""
+class UpdateOutcome(NamedTuple):
+    """What `Engine.finish_update` did with an update."""
 
+    applied: bool
+    """Whether the optimizer step was taken (False: every rank dropped the update, the weights are unchanged)."""
+    reduced_sums: torch.Tensor | None
+    """The caller's `extra_sums`, summed over ranks by the same collective as the finiteness verdict."""
+    grad_sq_norm: torch.Tensor | None
+    """When asked for and the update was applied: the squared norm of the update's reduced gradient, on the device."""
+
+
+class Engine(ABC):
+    """What drives the loop: processes, devices, collectives, and the end of each update.
+
+    The loop (`trainer.py`, `step.py`) uses these members and no others; a new engine subclasses this class
+    and implements every abstract member (`engines/local.py` is the smallest complete one). Every engine
+    runs the same maths: the recipe owns accumulation, the loss divisor, precision, the LR and the data
+    order, so an engine must not divide the loss, shard the data, or step a scheduler of its own.
+    """
+
+    name: str
+    """The recipe's `engine` value."""
     precision: str
-    device: torch.device
+    """"fp32" or "bf16" (autocast over fp32 weights)."""
+    grad_reduction: str
+    """How the engine combines the ranks' gradients: "mean" (DDP, DeepSpeed) or "sum"; the loss divisor follows."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """This rank's device."""
+
+    @property
+    @abstractmethod
+    def rank(self) -> int:
+        """This process's rank in [0, world_size)."""
+
+    @property
+    @abstractmethod
+    def world_size(self) -> int:
+        """Number of data-parallel processes."""
 
     @property
     def is_main(self) -> bool:
+        """The process that writes the run's shared files (rank 0)."""
         return self.rank == 0
+
+    @abstractmethod
+    def prepare(self, model, optimizer, plan):
+        """Wrap the model (on `device`) and optimizer for this engine, for the batch chain `plan` (a BatchPlan);
+        returns (model, optimizer) as the loop calls them."""
+
+    @abstractmethod
+    def unwrap(self, model):
+        """The user's module inside what `prepare` returned (for state dicts and evaluation)."""
 
     def autocast(self):
         """bf16 autocast over fp32 weights (BN and optimizer state stay fp32), or nothing for fp32."""
@@ -81,12 +140,43 @@ class Engine:
         """Context of one accumulation micro-batch (engines that all-reduce at every backward override it)."""
         return contextlib.nullcontext()
 
-    def grads_finite(self, model) -> torch.Tensor:
-        """This rank's verdict before the update: are all gradients in .grad finite?"""
-        grads = [p.grad for p in self.unwrap(model).parameters() if p.grad is not None]
-        if not grads:  # made on the device: a host tensor's blocking copy there would wait for the queued kernels
-            return torch.ones((), dtype=torch.bool, device=self.device)
-        return torch.stack(torch._foreach_norm(grads)).isfinite().all()
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate the loss of one micro-batch (already divided for kn; the engine must not rescale it)."""
+
+    @abstractmethod
+    def finish_update(self, model, optimizer, loss_finite: torch.Tensor, extra_sums: torch.Tensor | None = None,
+                      measure_grad_norm: bool = False) -> UpdateOutcome:
+        """End an update after its last backward, on every rank: apply it if every rank's loss and gradients are
+        finite, else drop it (weights, optimizer state and the engine's own counters as after a skipped step,
+        gradients cleared). `loss_finite` is this rank's verdict on its loss; the engine adds its own check of
+        the gradients where it holds them. `extra_sums` (a 1-d tensor) is summed over ranks by the same
+        collective. With `measure_grad_norm`, also return the reduced gradient's squared norm of an applied update.
+        The update's one host synchronisation (reading the verdict) happens here."""
+
+    @abstractmethod
+    def save_state(self, directory: Path, model, optimizer) -> None:
+        """Write the model and optimizer state into a checkpoint directory (a collective call)."""
+
+    @abstractmethod
+    def load_state(self, directory: Path, model, optimizer) -> None:
+        """Restore what `save_state` wrote; a bad file is a CheckpointError naming it (a collective call)."""
+
+    @abstractmethod
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, as a new tensor (the input is left as it was)."""
+
+    @abstractmethod
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-d tensor, concatenated in rank order."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    @abstractmethod
+    def end(self) -> None:
+        """Release the processes' resources (the process group) at the end of the run."""
 
     def average_buffers(self, model) -> None:
         """Average floating-point buffers (BN running statistics of per-worker BN) over ranks."""
@@ -95,3 +185,21 @@ class Engine:
         for buffer in self.unwrap(model).buffers():
             if buffer.is_floating_point():
                 buffer.copy_(self.all_reduce_sum(buffer) / self.world_size)
+
+
+def grads_finite(parameters, device: torch.device) -> torch.Tensor:
+    """This rank's verdict before the update, on the device: are all gradients in .grad finite?"""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:  # made on the device: a host tensor's blocking copy there would wait for the queued kernels
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack(torch._foreach_norm(grads)).isfinite().all()
+
+
+def verdict_and_sums(engine: Engine, locally_finite: torch.Tensor, extra_sums: torch.Tensor | None):
+    """One all-reduce of [ranks with a non-finite value, *extra_sums]; returns (every rank finite, reduced extras).
+    The bool() is the update's one host synchronisation: every rank must take the same branch."""
+    flags = (~locally_finite).double().reshape(1)
+    if extra_sums is not None:
+        flags = torch.cat([flags, extra_sums.double().reshape(-1).to(flags.device)])
+    reduced = engine.all_reduce_sum(flags)
+    return bool(reduced[0] == 0), (reduced[1:] if extra_sums is not None else None)

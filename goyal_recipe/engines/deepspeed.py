@@ -28,11 +28,11 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups as ds_groups
 
-from ..config import ConfigError, RecipeConfig, plan_batches
+from ..config import BatchPlan, ConfigError, RecipeConfig, plan_batches
 from ..integrations.deepspeed import ds_config as recipe_ds_config
 from ..noise_scale import grad_sq_norm
-from ..checkpoint import CheckpointError
-from .base import Engine, TrainingDiverged, check_elastic_restart
+from ..state_files import CheckpointError
+from .base import Engine, TrainingDiverged, UpdateOutcome, check_elastic_restart, grads_finite, verdict_and_sums
 
 # Fields of the update a user file may repeat ("auto" or the recipe's value) but not change; the recipe's key.
 _RECIPE_SET = {"train_batch_size": "batch.global_batch_size", "train_micro_batch_size_per_gpu":
@@ -44,12 +44,18 @@ _TAG = "deepspeed"
 
 
 def ds_config(cfg: RecipeConfig, world_size: int) -> dict:
-    """The ds_config of a recipe: the batch chain as DeepSpeed asserts it, ZeRO stage, no clipping.
+    """The ds_config of a recipe on `world_size` processes: the batch chain as DeepSpeed asserts it, ZeRO
+    stage, no clipping.
 
     A user file (`deepspeed.config_file`) adds fields (merged as the integration's `ds_config` merges
     its `extra`); one that contradicts the recipe is an error naming the recipe key to set instead.
     """
-    plan = plan_batches(cfg, world_size)
+    return plan_ds_config(cfg, plan_batches(cfg, world_size))
+
+
+def plan_ds_config(cfg: RecipeConfig, plan: BatchPlan) -> dict:
+    """`ds_config` for the batch chain the trainer already planned."""
+    world_size = plan.world_size
     config = recipe_ds_config(plan.global_batch_size, plan.per_device_batch_size, world_size,
                               zero_stage=cfg.deepspeed.zero_stage, grad_clip_norm=cfg.optim.grad_clip_norm)
     if not cfg.deepspeed.config_file:
@@ -107,11 +113,14 @@ class DeepSpeedEngine(Engine):
         self.cfg = cfg
         accelerator = get_accelerator()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(accelerator.device_name(local_rank))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self._device = torch.device(accelerator.device_name(local_rank))
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
         self.precision = cfg.model.precision
-        self._writer = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     @property
     def world_size(self) -> int:
@@ -121,9 +130,9 @@ class DeepSpeedEngine(Engine):
     def rank(self) -> int:
         return dist.get_rank()
 
-    def prepare(self, model, optimizer):
+    def prepare(self, model, optimizer, plan: BatchPlan):
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
-                                                          config=ds_config(self.cfg, self.world_size))
+                                                          config=plan_ds_config(self.cfg, plan))
         self._engine = engine
         return engine, ds_optimizer
 
@@ -143,17 +152,38 @@ class DeepSpeedEngine(Engine):
         if not engine.is_gradient_accumulation_boundary():
             engine.step()  # only counts the micro-batch; the update is `step` below
 
-    # grads_finite: ZeRO-1 moves reduced gradients out of .grad into its partition buffers, so there the
-    # loss check of TrainStep and DeepSpeed's own check of the gradient norm (in `step`) are what apply.
+    def finish_update(self, model, optimizer, loss_finite, extra_sums=None, measure_grad_norm=False) -> UpdateOutcome:
+        """The accumulation boundary: DeepSpeed's step (its reduction, clipping, update) or a skip it counts.
 
-    def skip(self, model, optimizer) -> None:
+        ZeRO-0 leaves the reduced gradients in .grad, checked here with the loss. ZeRO-1 moves them into its
+        partition buffers, where only its step's own overflow check (a non-finite global gradient norm) sees
+        them: there the loss is checked here and the gradients by DeepSpeed, which then skips by itself."""
+        engine = self._engine
+        zero = engine.zero_optimization()
+        params = list(self.unwrap(model).parameters())
+        locally_finite = loss_finite if zero else loss_finite & grads_finite(params, self.device)
+        finite, reduced_sums = verdict_and_sums(self, locally_finite, extra_sums)
+        if not finite:
+            self._skip(model, optimizer)
+            return UpdateOutcome(False, reduced_sums, None)
+        norm = grad_sq_norm(params) if measure_grad_norm and not zero else None  # ZeRO-0: before the step
+        engine.step()
+        applied = engine.was_step_applied()
+        if measure_grad_norm and zero and applied:
+            # ZeRO-1: the global norm its step computed for the overflow check and clipping.
+            global_norm = engine.get_global_grad_norm()
+            norm = None if global_norm is None else torch.as_tensor(global_norm, dtype=torch.float64) ** 2
+        return UpdateOutcome(applied, reduced_sums, norm if applied else None)
+
+    def _skip(self, model, optimizer) -> None:
         """Drop the update: weights, momentum and GoyalLR's count stay, gradients are cleared, and DeepSpeed
         counts the update as skipped (global_steps and skipped_steps, as after its own overflow skips)."""
         engine = self._engine
         if engine.zero_optimization():
             # ZeRO-1 holds the reduced gradients in its own buffers, which only its step() clears: its
             # overflow path (a non-finite gradient norm) drops the update without the client optimizer's step.
-            if self.step(model, optimizer):
+            engine.step()
+            if engine.was_step_applied():
                 raise TrainingDiverged(
                     "a loss was non-finite but DeepSpeed ZeRO-1 found the gradients finite and applied the update; "
                     "resume=auto continues from the last checkpoint; lower optim.base_lr or use deepspeed.zero_stage=0")
@@ -164,20 +194,6 @@ class DeepSpeedEngine(Engine):
         engine.global_steps += 1
         engine.global_samples += engine.train_batch_size()
         engine.skipped_steps += 1
-
-    def step(self, model, optimizer) -> bool:
-        """The accumulation boundary: clip, update, zero; returns whether DeepSpeed applied the update."""
-        self._engine.step()
-        return self._engine.was_step_applied()
-
-    def reduced_grad_sq_norm(self, model, after_step: bool):
-        """Squared norm of the update's reduced gradient, for the noise scale. ZeRO-0 leaves it in .grad (read
-        before the step); ZeRO-1 moves it into its partitions, whose global norm its step() computes for the
-        overflow check and clipping (`get_global_grad_norm`, read after the step)."""
-        if self._engine.zero_optimization():
-            norm = self._engine.get_global_grad_norm() if after_step else None
-            return None if norm is None else norm ** 2  # a tensor on the device: read with the averages
-        return None if after_step else grad_sq_norm(self.unwrap(model).parameters())
 
     def save_state(self, directory: Path, model, optimizer) -> None:
         model.save_checkpoint(str(directory), tag=_TAG, save_latest=False)  # collective: every rank writes its part
@@ -207,19 +223,6 @@ class DeepSpeedEngine(Engine):
     def barrier(self) -> None:
         dist.barrier()
 
-    def init_trackers(self, name: str, config: dict) -> None:
-        if self.is_main and "tensorboard" in self.cfg.run.trackers:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.cfg.run_dir / "tracking" / name))
-
-    def log(self, values: dict, step: int) -> None:
-        if self._writer is not None:
-            for key, value in values.items():
-                self._writer.add_scalar(key, value, step)
-
     def end(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
         self.barrier()
         dist.destroy_process_group()  # no rank exits with live gloo/NCCL threads
