@@ -162,11 +162,11 @@ def test_scaling_mode_sweeps_sgd_and_lars_and_runs_table1_five_times(tmp_path):
     by_setting = {}
     for run in runs:
         by_setting.setdefault(run.setting.name, []).append(run.seed)
-    sweep = {f"kn{kn}-gradual-linear-zerogamma{suffix}": [0, 1, 2] for kn in (32, 128, 512, 2048)
+    sweep = {f"kn{kn}-gradual-linear-zerogamma{suffix}": [0, 1, 2] for kn in (32, 128, 256, 512, 1024, 2048)
              for suffix in ("", "-lars")}
     table1 = {"kn32-gradual-linear-zerogamma": [0, 1, 2, 3, 4], "kn128-gradual-linear-zerogamma": [0, 1, 2, 3, 4],
               "kn128-none-linear-zerogamma": [0, 1, 2, 3, 4], "kn128-constant-linear-zerogamma": [0, 1, 2, 3, 4]}
-    assert by_setting == {**sweep, **table1} and len(runs) == 38
+    assert by_setting == {**sweep, **table1} and len(runs) == 50
     for run in runs:
         cfg, kn = run.config, run.setting.global_batch_size
         # One base recipe: only kn, the warmup and the optimizer differ; B_simple measured in every run, which
@@ -180,14 +180,14 @@ def test_scaling_mode_sweeps_sgd_and_lars_and_runs_table1_five_times(tmp_path):
         assert cfg.schedule().peak_lr == pytest.approx(0.1 * kn / 32)
         plan = plan_batches(cfg, world_size=1)
         assert (plan.per_device_batch_size, plan.accumulation_steps) == {
-            32: (16, 2), 128: (64, 2), 512: (128, 4), 2048: (128, 16)}[kn]
-        assert 100 * 160 // kn == {32: 500, 128: 125, 512: 31, 2048: 7}[kn]
+            32: (16, 2), 128: (64, 2), 256: (128, 2), 512: (128, 4), 1024: (128, 8), 2048: (128, 16)}[kn]
+        assert 100 * 160 // kn == {32: 500, 128: 125, 256: 62, 512: 31, 1024: 15, 2048: 7}[kn]
         # About 10 step records per epoch at every kn, each update's gradients measured for the noise scale.
         assert (cfg.run.log_every_updates, cfg.run.noise_scale_every_updates) == (
-            {32: 50, 128: 12, 512: 3, 2048: 1}[kn], 1)
+            {32: 50, 128: 12, 256: 6, 512: 3, 1024: 1, 2048: 1}[kn], 1)
     # Every setting's first seed trains before any second seed: a stopped sweep has every point.
     order = [run.name for run in training_order(runs)]
-    assert len(by_setting) == 10 and order[:10] == [f"{s}-seed0" for s in by_setting] and order[-2:] == [
+    assert len(by_setting) == 14 and order[:14] == [f"{s}-seed0" for s in by_setting] and order[-2:] == [
         "kn128-constant-linear-zerogamma-seed4", "kn128-gradual-linear-zerogamma-seed4"]
 
 
@@ -223,10 +223,12 @@ def record_scaling_run(run, final, noise_end, updates_per_epoch):
 
 def test_scaling_report_reads_the_sweep_by_its_rules(tmp_path):
     finals = {"kn32-gradual-linear-zerogamma": [10, 11, 12, 10, 12], "kn128-gradual-linear-zerogamma": [11, 12, 13, 11, 13],
-              "kn512-gradual-linear-zerogamma": [20, 21, 22], "kn2048-gradual-linear-zerogamma": [40, 42, 44],
+              "kn256-gradual-linear-zerogamma": [13, 14, 15], "kn512-gradual-linear-zerogamma": [20, 21, 22],
+              "kn1024-gradual-linear-zerogamma": [30, 31, 32], "kn2048-gradual-linear-zerogamma": [40, 42, 44],
               "kn128-none-linear-zerogamma": [14, 15, 16, 14, 16], "kn128-constant-linear-zerogamma": [20] * 5,
               "kn32-gradual-linear-zerogamma-lars": [12, 13, 14], "kn128-gradual-linear-zerogamma-lars": [12, 13, 14],
-              "kn512-gradual-linear-zerogamma-lars": [13, 14, 15], "kn2048-gradual-linear-zerogamma-lars": [14, 15, 16]}
+              "kn256-gradual-linear-zerogamma-lars": [13, 14, 15], "kn512-gradual-linear-zerogamma-lars": [13, 14, 15],
+              "kn1024-gradual-linear-zerogamma-lars": [13, 14, 15], "kn2048-gradual-linear-zerogamma-lars": [14, 15, 16]}
     runs = build_runs("scaling", tmp_path / "runs")
     for run in runs:
         kn = run.setting.global_batch_size
@@ -246,11 +248,14 @@ def test_scaling_report_reads_the_sweep_by_its_rules(tmp_path):
         "| baseline kn=32 < gradual warmup | +0.14 (+2.1 SE) | decisive | +1.00 (+1.6 SE) | not decisive |")
     assert rows["no warmup < constant warmup"] == (
         "| no warmup < constant warmup | +1.04 (+3.5 SE) | decisive | +5.00 (+11.2 SE) | decisive |")
-    assert ("- **SGD** error rises from kn = 512 (last kn not decisively above kn = 32: 128); B_simple of the "
-            "kn = 32 SGD runs: 100 after epoch 1, 400 at the end. The rise starts at 1.3x the late B_simple and "
-            "5.1x the early one; the late B_simple lies inside [128, 512].") in report
+    # kn = 256 is 3 / sqrt(1/5 + 1/3) = 4.1 SE above kn = 32, and every larger kn is too.
+    assert ("- **SGD** error rises from kn = 256 (last kn not decisively above kn = 32: 128); B_simple of the "
+            "kn = 32 SGD runs: 100 after epoch 1, 400 at the end. The rise starts at 0.64x the late B_simple and "
+            "2.6x the early one; the late B_simple lies outside [128, 256].") in report
     assert ("- **LARS** past the late B_simple, against SGD at kn = 32 (the accuracy to keep): kn = 512: +3.00 "
-            "(+4.1 SE); kn = 2048: +4.00 (+5.5 SE): not flat (flat: no point decisively above).") in report
-    assert "kn = 512: -7.00 (-8.6 SE); kn = 2048: -27.00 (-20.9 SE)." in report  # LARS minus SGD
+            "(+4.1 SE); kn = 1024: +3.00 (+4.1 SE); kn = 2048: +4.00 (+5.5 SE): not flat (flat: no point "
+            "decisively above).") in report
+    # LARS minus SGD at the same kn: -7 / sqrt(1/3 + 1/3) = -8.6 SE, -27 / sqrt(1/3 + 4/3) = -20.9 SE.
+    assert "kn = 512: -7.00 (-8.6 SE); kn = 1024: -17.00 (-20.8 SE); kn = 2048: -27.00 (-20.9 SE)." in report
     png = tmp_path / "out" / "error_vs_kn.png"
     assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -144,7 +144,7 @@ MODES = {
         description="where linear scaling ends: SGD and LARS against kn with the noise scale measured, and Table 1 "
                     "with 5 seeds, about 2.5 hours on 2 CPU cores",
         train_per_class=160, val_per_class=20, epochs=9, milestones=(3, 6, 8), warmup_epochs=0.5,
-        baseline_kn=32, large_kn=128, sweep_kn=(32, 128, 512, 2048), ablations=(), seeds=(0, 1, 2),
+        baseline_kn=32, large_kn=128, sweep_kn=(32, 128, 256, 512, 1024, 2048), ablations=(), seeds=(0, 1, 2),
         max_micro_batch=128, workers=0, table1_seeds=(0, 1, 2, 3, 4), sweep_optimizers=("sgd", "lars"),
         bn_group_size=16, min_micro_batches=2, step_records_per_epoch=10),
 }
