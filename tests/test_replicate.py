@@ -259,3 +259,11 @@ def test_scaling_report_reads_the_sweep_by_its_rules(tmp_path):
     assert "kn = 512: -7.00 (-8.6 SE); kn = 1024: -17.00 (-20.8 SE); kn = 2048: -27.00 (-20.9 SE)." in report
     png = tmp_path / "out" / "error_vs_kn.png"
     assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_jobs_below_one_is_refused_before_anything_is_written(tmp_path):
+    from goyal_recipe.cli import replicate_main
+
+    assert replicate_main(["--mode", "quick", "--jobs", "0", "--runs-dir", str(tmp_path / "runs"),
+                           "--out", str(tmp_path / "out"), "--report-only"]) == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()

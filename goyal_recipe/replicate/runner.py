@@ -114,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"batch.per_device_batch_size={run.config.batch.per_device_batch_size}")
         print(f"{len(runs)} runs; scale: {describe_scale(args.mode, runs)}")
         return 0
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give the number of runs to train at once (1 or more)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs = args.jobs or (1 if torch.cuda.is_available() else cores)
-    if jobs < 1:
-        raise ConfigError("--jobs must be >= 1; give the number of runs to train at once")
     start = time.time()
     failed = []
     try:
