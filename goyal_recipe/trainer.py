@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from .engines.base import TrainingDiverged
 from .errors import UserError
 from .metrics import EvalCounter, JsonlWriter, ThroughputMeter, format_epoch_line, format_step_line
 from .progress import Progress, checkpoint_due
+from .run_dir import NewPaths, preflight
+from .records import EpochRecord, RunRecord, SkipRecord, StepRecord
 from .schedule import format_table
 from .step import TrainStep, build_training
 from .trackers import Trackers
@@ -49,17 +50,6 @@ def describe_run(cfg: RecipeConfig, plan: BatchPlan, num_train: int, updates_per
         ("model", f"{cfg.model.name}, zero-gamma {'on' if cfg.model.zero_init_last else 'off'}, {cfg.model.precision}"),
     ]
     return format_table(cfg.schedule().rows(updates_per_epoch) + rows)
-
-
-def _preflight(run_dir: Path) -> None:
-    """Fail before any work if the run directory cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); set run.output_dir to a writable path") from None
 
 
 class Trainer:
@@ -86,7 +76,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = build_training(
             cfg, engine, plan, cfg.model.num_classes or self.data.num_classes, self.updates_per_epoch)
         if engine.is_main:  # only once the recipe has proven buildable: a failed start leaves no run directory
-            _preflight(self.run_dir)
+            preflight(self.run_dir)
         self.train_step = TrainStep(cfg, engine, plan, self.model, self.optimizer, self.scheduler)
         self.total_updates = cfg.optim.epochs * self.updates_per_epoch
         self.stop_at = min(self.total_updates, cfg.run.max_updates or self.total_updates)
@@ -145,9 +135,9 @@ class Trainer:
         self._print(describe_run(cfg, self.plan, data.num_train, self.updates_per_epoch))
         if engine.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            self.metrics.write({"kind": "run", "name": cfg.run.name, "global_batch_size": self.plan.global_batch_size,
-                                "updates_per_epoch": self.updates_per_epoch, "epochs": cfg.optim.epochs,
-                                "world_size": engine.world_size, "resumed_at_update": self.update, "time": time.time()})
+            self.metrics.write(RunRecord(name=cfg.run.name, global_batch_size=self.plan.global_batch_size,
+                                         updates_per_epoch=self.updates_per_epoch, epochs=cfg.optim.epochs,
+                                         world_size=engine.world_size, resumed_at_update=self.update).as_dict())
         self.trackers.log_config(_flat(cfg.model_dump(mode="json")))
         while self.update < self.stop_at:
             self._train_epoch()
@@ -188,8 +178,7 @@ class Trainer:
         """Record a dropped update; stop after more than run.max_consecutive_nonfinite in a row."""
         in_a_row = self.progress.consecutive_skips
         first = self.update + 1 - in_a_row
-        self.metrics.write({"kind": "skip", "update": self.update, "epoch": epoch + 1,
-                            "reason": "non-finite loss or gradient", "time": time.time()})
+        self.metrics.write(SkipRecord(update=self.update, epoch=epoch + 1).as_dict())
         self._print(f"update {self.update}: non-finite loss or gradient on some rank; update skipped "
                     f"({in_a_row} in a row)")
         if in_a_row > self.cfg.run.max_consecutive_nonfinite:
@@ -207,11 +196,9 @@ class Trainer:
         self.progress.window_sums.zero()
         loss = window.mean_loss()
         U, meter, noise = self.updates_per_epoch, self.meter, self.train_step.noise_fields()
-        record = {"kind": "step", "update": self.update, "epoch": self.update / U, "loss": loss, "lr": lr,
-                  "bad_images": int(window.bad_images),
-                  "images_per_s": meter.images_per_s, "data_wait_s": meter.mean_data_wait_s,
-                  "step_s": meter.mean_step_s, **noise, "time": time.time()}
-        self.metrics.write(record)
+        self.metrics.write(StepRecord(update=self.update, epoch=self.update / U, loss=loss, lr=lr,
+                                      bad_images=int(window.bad_images), images_per_s=meter.images_per_s,
+                                      data_wait_s=meter.mean_data_wait_s, step_s=meter.mean_step_s, **noise).as_dict())
         noise = {f"train/{k}": v for k, v in noise.items() if v is not None}
         self.trackers.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": meter.images_per_s, **noise},
                           self.update)
@@ -249,10 +236,8 @@ class Trainer:
         every = cfg.run.eval_every_epochs
         last = epoch + 1 == cfg.optim.epochs
         evaluated = self.evaluate() if every and ((epoch + 1) % every == 0 or last) else {}
-        record = {"kind": "epoch", "epoch": epoch + 1, "update": self.update, **train_stats,
-                  "val_loss": None, "val_top1_error": None, "val_top5_error": None, "val_top1_acc": None,
-                  "val_top5_acc": None, "val_images": None, **evaluated,
-                  "lr": self.scheduler.lr_at(self.scheduler.updates_done - 1), "time": time.time()}
+        record = EpochRecord(epoch=epoch + 1, update=self.update, **train_stats, **evaluated,
+                             lr=self.scheduler.lr_at(self.scheduler.updates_done - 1)).as_dict()
         self.metrics.write(record)
         self.trackers.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)}, self.update)
         self._print(format_epoch_line(record, cfg.optim.epochs))
@@ -300,34 +285,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-class _NewPaths:
-    """What a run adds under its run directory (and the parents it makes), to remove when it fails with a
-    UserError before its first checkpoint: a failed start leaves the disk as it found it, and never touches
-    what an earlier run left there."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.made_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
-        self.before = set(run_dir.rglob("*")) if run_dir.is_dir() else set()
-
-    def remove(self) -> None:
-        if self.run_dir.is_dir():
-            for path in sorted(set(self.run_dir.rglob("*")) - self.before, key=lambda p: len(p.parts), reverse=True):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-        for directory in self.made_dirs:
-            try:
-                directory.rmdir()
-            except OSError:  # not empty (another process wrote there) or already gone
-                break
-
-
 def train(cfg: RecipeConfig) -> Path:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     main = os.environ.get("RANK", "0") == "0"  # only the main process makes the run directory
-    new_paths = _NewPaths(cfg.run_dir) if main else None
+    new_paths = NewPaths(cfg.run_dir) if main else None
     trainer = None
     try:
         trainer = Trainer(cfg)
