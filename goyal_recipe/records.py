@@ -42,9 +42,11 @@ __all__ = [
     "SkipRecord",
     "EpochRecord",
     "Record",
+    "KINDS",
     "RunLog",
     "from_dict",
     "read_run",
+    "resolve",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -190,7 +192,7 @@ def from_dict(line: dict[str, Any]) -> Record:
                           "read it with the goyal_recipe version that wrote it")
     key = _KEY.get(kind)
     if key is not None and not isinstance(line.get(key), (int, float)):
-        raise RecordError(f"a {kind} record without a numeric {key!r}; pass a metrics.jsonl written by goyal-train")
+        raise RecordError(f"{kind} record without a numeric {key!r}; pass a metrics.jsonl written by goyal-train")
     return KINDS[kind]._from_line(line)  # type: ignore[return-value]
 
 

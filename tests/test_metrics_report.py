@@ -266,7 +266,7 @@ def test_read_run_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(RecordError, match=r"metrics\.jsonl:2: unknown record kind 'stpe'"):
         read_run(path)
     path.write_text(json.dumps({"kind": "epoch", "train_loss": 1.0}) + "\n")
-    with pytest.raises(RecordError, match=r"metrics\.jsonl:1: a epoch record without a numeric 'epoch'"):
+    with pytest.raises(RecordError, match=r"metrics\.jsonl:1: epoch record without a numeric 'epoch'"):
         read_run(tmp_path)
     (tmp_path / "bare").mkdir()
     with pytest.raises(FileNotFoundError, match=r"bare.metrics\.jsonl not found \(.*bare is not a run directory\)"):
