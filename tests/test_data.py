@@ -14,6 +14,7 @@ from PIL import Image
 
 from goyal_recipe.data import (
     IMAGENET_MEAN,
+    EncodedImage,
     ImageFolderSource,
     Lighting,
     build_dataset,
@@ -124,13 +125,15 @@ def test_folder_and_parquet_sources_agree(default_root):
         for i, (path, label) in enumerate(folder.samples):
             assert Path(path).read_bytes() == parquet.image_bytes(i)
             assert folder.class_to_idx[Path(path).parent.name] == label
-    to_tensor = T.PILToTensor()
-    folder = build_dataset("imagefolder", default_root, "val", to_tensor)
-    parquet = build_dataset("parquet", default_root, "val", to_tensor)
+    folder = build_dataset("imagefolder", default_root, "val")
+    parquet = build_dataset("parquet", default_root, "val")
     for i in (0, 37, 199):
-        (xf, yf), (xp, yp) = folder[i], parquet[i]
-        assert xf.shape == (3, 48, 64) and yf == yp == i // 20
-        assert torch.equal(xf, xp)
+        (image_f, yf), (image_p, yp) = folder[i], parquet[i]
+        assert isinstance(image_f, EncodedImage) and image_f.data == image_p.data and yf == yp == i // 20
+        assert image_f.name == folder.samples[i][0]
+        assert image_p.name == f"{parquet.files[0]}#{i} ({Path(folder.samples[i][0]).name})"  # shard, row, file
+        xf, xp = (T.PILToTensor()(image.rgb()) for image in (image_f, image_p))
+        assert xf.shape == (3, 48, 64) and torch.equal(xf, xp)
 
 
 def test_parquet_shards_and_row_groups_index_like_the_folder(tmp_path):
@@ -149,20 +152,20 @@ def test_parquet_shards_and_row_groups_index_like_the_folder(tmp_path):
 
 
 def test_parquet_source_pickles_and_opens_lazily(default_root):
-    src = build_dataset("parquet", default_root, "train", T.PILToTensor())
+    src = build_dataset("parquet", default_root, "train")
     x0, y0 = src[123]
     clone = pickle.loads(pickle.dumps(src))
     assert len(pickle.dumps(src)) < 50_000  # handles and decoded row groups are not pickled
     x1, y1 = clone[123]
-    assert y0 == y1 == 1 and torch.equal(x0, x1)
+    assert y0 == y1 == 1 and x0 == x1 and len(x0.data) > 0
 
 
 def test_hf_source_reads_local_parquet_offline(default_root, tmp_path):
-    hf = build_dataset("hf", default_root, "val", T.PILToTensor(), cache_dir=str(tmp_path / "cache"))
-    folder = build_dataset("imagefolder", default_root, "val", T.PILToTensor())
+    hf = build_dataset("hf", default_root, "val", cache_dir=str(tmp_path / "cache"))
+    folder = build_dataset("imagefolder", default_root, "val")
     assert len(hf) == 200 and hf.classes == folder.classes
     assert hf.targets.tolist() == folder.targets
-    assert torch.equal(hf[57][0], folder[57][0]) and hf[57][1] == 2
+    assert hf[57][0].data == folder[57][0].data and hf[57][1] == 2
 
     with pytest.raises(FileNotFoundError, match="not in the local HF cache") as err:
         build_dataset("hf", "goyal-recipe-test/no-such-dataset", "train", cache_dir=str(tmp_path / "empty"))
@@ -182,12 +185,13 @@ def test_every_image_mode_loads_as_rgb(default_root, tmp_path):
     }
     for name, (image, fmt) in odd.items():
         image.save(root / "n00000000" / name, format=fmt)
-    src = ImageFolderSource(root, T.PILToTensor())
+    src = ImageFolderSource(root)
     by_name = {Path(p).name: i for i, (p, _) in enumerate(src.samples)}
     for name in odd:
-        x, y = src[by_name[name]]
+        image, y = src[by_name[name]]
+        x = T.PILToTensor()(image.rgb())
         assert x.shape == (3, 48, 64) and x.dtype == torch.uint8 and y == 0, name
-    gray, _ = src[by_name["gray.JPEG"]]
+    gray = T.PILToTensor()(src[by_name["gray.JPEG"]][0].rgb())
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 
@@ -329,8 +333,22 @@ def test_loader_augmentations_are_reproducible():
     assert not torch.equal(a[0], a[5])  # the second epoch draws new augmentations
 
 
+class Augmented(torch.utils.data.Dataset):
+    """A source's images decoded and augmented by torchvision transforms drawing from the worker's RNG."""
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        image, label = self.source[i]
+        return self.transform(image.rgb()), label
+
+
 def test_loader_with_real_source_and_workers(default_root):
-    src = build_dataset("parquet", default_root, "train", train_transform(32))
+    src = Augmented(build_dataset("parquet", default_root, "train"), train_transform(32))
     order = list(range(0, 1000, 37))
 
     def run():

@@ -31,10 +31,14 @@ from goyal_recipe.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BadImageError,
+    BadImages,
+    Deferred,
     EncodedImage,
     EvalDecode,
+    Placed,
     Plan,
     Lighting,
+    SampleReader,
     TrainDecode,
     build_dataset,
     decode_rgb,
@@ -42,10 +46,11 @@ from goyal_recipe.data import (
     draft_reduction,
     eval_transform,
     generate_dataset,
+    sample_seed,
     train_transform,
 )
-from goyal_recipe.data.device_decode import DeferJpegs, Deferred, StagedLoader
-from goyal_recipe.data.pipeline import EpochSeededDataset, FlaggedDataset, build_data
+from goyal_recipe.data.device_decode import StagedLoader
+from goyal_recipe.data.pipeline import build_data
 
 DRAFT_MEAN_BOUND = 2.0  # measured 1.19
 DRAFT_WORST_BOUND = 4.0  # measured 2.63
@@ -304,22 +309,29 @@ def test_gpu_decode_within_resampling_noise_of_the_drafted_cpu_path(imagenet_siz
 
 def test_files_the_device_cannot_decode_take_the_cpu_path(salted):
     transform = TrainDecode(16)
-    defer = DeferJpegs(transform)
+    source = build_dataset("imagefolder", salted, "train")
+    reader = SampleReader(source, transform, BadImages("fail"), seed=3, defer_jpegs=True)
+    index_of = {Path(path).name: i for i, (path, _) in enumerate(source.samples)}
     paths = {name: next((salted / "train").rglob(f"*_{name}.JPEG")) for name in ("cmyk", "png", "gray", "truncated")}
     paths["plain"] = salted / "train/n00000000/n00000000_00001.JPEG"
     for name, path in paths.items():
-        image = EncodedImage(path.read_bytes(), str(path))
+        key = (2, index_of[path.name])
         if name == "truncated":  # no end marker: PIL decodes it in the worker and finds it cut short
             with pytest.raises(BadImageError, match="truncated"):
-                defer(image)
+                reader[key]
             continue
-        out = seeded(3, defer, image)
+        out, label, index, bad = reader[key]
+        assert (label, index, bad) == (source.targets[key[1]], key[1], 0)
         assert isinstance(out, Deferred) is (name in ("gray", "plain")), name
-        if isinstance(out, Deferred):  # bytes and the plan go on to the device stage
-            assert out.data == path.read_bytes() and out.plan == seeded(3, transform.plan, *Image.open(path).size)
+        # The sample's draws come from its own seed, whatever was drawn before.
+        plan = seeded(sample_seed(3, *key), transform.plan, *Image.open(path).size)
+        pixels, alpha = seeded(sample_seed(3, *key), transform.placed, EncodedImage(path.read_bytes(), str(path)))
+        if isinstance(out, Deferred):  # bytes, the plan and the key go on to the device stage
+            assert out.data == path.read_bytes() and out.plan == plan and out.key == key
         else:  # decoded in the worker by the cpu path, under the plan drawn before the choice
-            pixels, alpha = seeded(3, transform.placed, EncodedImage(path.read_bytes(), str(path)))
             assert torch.equal(out.pixels, pixels) and torch.equal(out.lighting_alpha, alpha)
+        now, *_ = reader.read(key, defer=False)  # what the device stage falls back on
+        assert isinstance(now, Placed) and torch.equal(now.pixels, pixels) and torch.equal(now.lighting_alpha, alpha)
 
 
 def test_a_jpeg_the_device_rejects_is_redone_on_the_cpu(salted, monkeypatch):
@@ -393,11 +405,19 @@ def test_finish_is_totensor_lighting_normalize(lighting):
 
 
 def _float_path(data, root, seed: int):
-    """The float path as workers ran it before the uint8 transport: the source's DecodeTransform called per
-    sample (decode to normalise in one), seeded per sample; (train rows by (epoch, index), val rows)."""
-    train = build_dataset("imagefolder", root, "train", data.train_loader.stage.transform)
-    val = build_dataset("imagefolder", root, "val", data.val_loader.stage.transform)
-    return EpochSeededDataset(train, seed, "skip"), FlaggedDataset(val, "skip")
+    """The float path as workers ran it before the uint8 transport: each sample decoded to a normalised
+    float image on its own (placed, then finished alone), seeded per sample; (train rows by (epoch, index),
+    val rows)."""
+    bad_images = BadImages("skip")
+    train = SampleReader(build_dataset("imagefolder", root, "train"), data.train_loader.stage.transform, bad_images,
+                         seed)
+    val = SampleReader(build_dataset("imagefolder", root, "val"), data.val_loader.stage.transform, bad_images)
+
+    def float_row(reader, key):
+        (pixels, alpha), *rest = reader.read(key, defer=False)
+        return (reader.transform.finish(pixels[None], alpha[None])[0], *rest)
+
+    return (lambda key: float_row(train, key)), [float_row(val, i) for i in range(len(val))]
 
 
 @pytest.mark.parametrize("augment", [[], ["data.color_jitter=0.4", "data.pca_lighting=0.1"]],
@@ -410,7 +430,7 @@ def test_uint8_batches_equal_the_float_path(salted, decode, augment):
     batches = _epoch(data, epoch=1)
     assert len(batches) == 2
     for images, labels, index, bad in batches:
-        rows = [train_rows[(1, int(i))] for i in index]
+        rows = [train_rows((1, int(i))) for i in index]
         assert images.dtype == torch.float32 and images.device.type == "cpu" and images.shape == (11, 3, 16, 16)
         assert torch.equal(images, torch.stack([row[0] for row in rows]))  # exact: same pixels and arithmetic
         assert labels.tolist() == [row[1] for row in rows] and bad.tolist() == [row[3] for row in rows]

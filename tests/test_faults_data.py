@@ -14,10 +14,10 @@ from PIL import Image, ImageFile
 
 from goyal_recipe.cli import data_main
 from goyal_recipe.config import load_config, plan_batches
-from goyal_recipe.data import (BadImageError, HFSource, build_dataset, build_loader, decode_rgb, generate_dataset,
-                               load_sample, train_transform)
+from goyal_recipe.data import (BadImageError, BadImages, HFSource, SampleReader, TrainDecode, build_dataset,
+                               build_loader, decode_rgb, generate_dataset)
 from goyal_recipe.data.generate import _hf_schema, synset_names
-from goyal_recipe.data.pipeline import EpochSeededDataset, EpochTaggedSampler, FlaggedDataset, build_data
+from goyal_recipe.data.pipeline import EpochTaggedSampler, build_data
 from goyal_recipe.data.validate import validate_main
 from goyal_recipe.sampler import EpochShuffleSampler
 
@@ -108,20 +108,24 @@ def _bad_indices(dataset) -> list[int]:
 
 @pytest.fixture(params=["imagefolder", "parquet"])
 def train_set(request, roots):
-    return build_dataset(request.param, roots.salted, "train", train_transform(SIZE))
+    return build_dataset(request.param, roots.salted, "train")
+
+
+def reader(source, bad_images: str, seed: int = 0) -> SampleReader:
+    return SampleReader(source, TrainDecode(SIZE), BadImages(bad_images), seed)
 
 
 def test_convertible_images_load_as_rgb_tensors(train_set):
     names = _names(train_set)
     for kind in ("png", "cmyk", "gray", "tiny"):
         i = names.index(PLACES[kind][2])
-        image, label, index, bad = EpochSeededDataset(train_set, seed=0)[(0, i)]
-        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32, kind
+        (pixels, _), label, index, bad = reader(train_set, "fail")[(0, i)]
+        assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == torch.uint8, kind
         assert (label, index, bad) == (PLACES[kind][1], i, 0), kind
 
 
 def test_fail_stops_at_the_first_bad_image_naming_it(train_set):
-    dataset = EpochSeededDataset(train_set, seed=0, bad_images="fail")
+    dataset = reader(train_set, "fail")
     first = _bad_indices(train_set)[0]
     for i in range(first):
         dataset[(0, i)]
@@ -135,7 +139,7 @@ def test_fail_stops_at_the_first_bad_image_naming_it(train_set):
 def test_fail_crosses_dataloader_workers_as_one_line(train_set, monkeypatch):
     # torch joins the workers of a loader that raised with a 5 s timeout each; shorten it for the test.
     monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.1)
-    dataset = EpochSeededDataset(train_set, seed=0, bad_images="fail")
+    dataset = reader(train_set, "fail")
     order = [(0, i) for i in range(len(train_set))]
     batches = iter(build_loader(dataset, order, batch_size=4, num_workers=2, persistent_workers=False))
     with pytest.raises(BadImageError) as err:
@@ -152,9 +156,9 @@ def _pass(dataset, ranks: int, workers: int) -> dict[int, tuple]:
     for rank in range(ranks):
         sampler = EpochShuffleSampler(len(dataset), ranks, rank, seed=3, drop_last=False, batch_size=4)
         sampler.set_epoch(1)
-        loader = build_loader(EpochSeededDataset(dataset, seed=3, bad_images="skip"), EpochTaggedSampler(sampler),
+        loader = build_loader(reader(dataset, "skip", seed=3), EpochTaggedSampler(sampler),
                               batch_size=4, num_workers=workers, persistent_workers=False, worker_seed=rank)
-        for images, labels, index, bad in loader:
+        for (images, _), labels, index, bad in loader:
             for k, i in enumerate(index.tolist()):
                 assert i not in seen  # nothing twice
                 seen[i] = (images[k], int(labels[k]), int(bad[k]))
@@ -178,6 +182,18 @@ def test_skip_substitutes_deterministically_and_counts(train_set):
     assert bad[-1] == n - 1 and one[n - 1][1] == targets[0]  # the last sample wraps to the first
 
 
+def test_each_run_warns_once_per_bad_image(train_set, caplog):
+    bad = _bad_indices(train_set)
+    with caplog.at_level("WARNING", logger="goyal_recipe.data.bad_images"):
+        for _run in range(2):  # the policy's state is the run's: a second run warns again
+            run_reader = reader(train_set, "skip")
+            for epoch in range(3):
+                assert [run_reader[(epoch, i)][3] for i in bad] == [1] * len(bad)
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad image")]
+    assert len(warnings) == 2 * len(bad) == 8
+    assert sorted(set(warnings)) == sorted(warnings[:4]) and warnings[:4] == warnings[4:]
+
+
 def test_hf_source_follows_the_policy(roots):
     datasets = pytest.importorskip("datasets")
     convertible, undecodable = roots.convertible, roots.undecodable
@@ -186,23 +202,23 @@ def test_hf_source_follows_the_policy(roots):
     features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=["a", "b"])})
     table = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": n} for n, b in rows], "label": [0, 1, 0]},
                                        features=features)
-    source = HFSource(table, train_transform(SIZE))
+    source = HFSource(table)
     with pytest.raises(BadImageError, match=r"row 1 \(truncated.JPEG\): OSError: image file is truncated"):
-        load_sample(source, 1, "fail")
-    image, label, bad = load_sample(source, 1, "skip")
-    assert image.shape == (3, SIZE, SIZE) and (label, bad) == (0, 1)
+        reader(source, "fail")[(0, 1)]
+    (pixels, _), label, index, bad = reader(source, "skip")[(0, 1)]
+    assert pixels.shape == (3, SIZE, SIZE) and (label, index, bad) == (0, 1, 1)
 
 
 def test_a_long_run_of_bad_images_stops_even_under_skip(roots):
-    class Broken:
-        def __len__(self):
-            return 10**6
+    tried = []
 
-        def __getitem__(self, index):
-            decode_rgb(b"not an image", f"img{index}")
+    def broken(index):
+        tried.append(index)
+        decode_rgb(b"not an image", f"img{index}")
 
     with pytest.raises(BadImageError, match="100 images in a row from img5 cannot be decoded"):
-        load_sample(Broken(), 5, "skip")
+        BadImages("skip").read(broken, 5, 10**6)
+    assert tried == list(range(5, 105))
 
 
 def test_bomb_is_refused_before_any_pixel_is_decoded(roots, monkeypatch):
@@ -254,7 +270,8 @@ def test_pipeline_carries_the_bad_flag_to_the_trainer(roots, tmp_path):
                              "batch.per_device_batch_size=13", "model.bn_group_size=13"])
     engine = SimpleNamespace(is_main=True, world_size=1, rank=0, device=torch.device("cpu"), barrier=lambda: None)
     data = build_data(cfg, plan_batches(cfg, 1), engine)
-    assert isinstance(data.val_loader.dataset, FlaggedDataset) and data.val_loader.dataset.bad_images == "skip"
+    val_reader = data.val_loader.dataset
+    assert isinstance(val_reader, SampleReader) and val_reader.seed is None and val_reader.bad_images.policy == "skip"
     data.train_sampler.set_epoch(0)
     batches = list(data.train_loader)
     assert sum(len(index) for _, _, index, _ in batches) == 26

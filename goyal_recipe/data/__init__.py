@@ -1,25 +1,19 @@
-"""Data adapters: synthetic ImageNet-format data, sources, the paper's transforms, loaders.
+"""Data adapters: synthetic ImageNet-format data, sources, the reader, the paper's transforms, loaders.
 
-The only part of goyal_recipe that imports torchvision, datasets, PIL or pyarrow.
+The only part of goyal_recipe that imports torchvision, datasets, PIL or pyarrow. A sample's path:
+source (bytes, name, label) -> `SampleReader` (seed, crop plan, decode now or defer to the device,
+bad-image policy) -> the loader's stage (finish on the training device); see data/pipeline.py.
 """
 
-from .decode import DecodeTransform, EvalDecode, Plan, TrainDecode, draft_reduction
+from .bad_images import BAD_IMAGE_POLICIES, BadImageError, BadImages
+from .decode import DecodeTransform, EvalDecode, Placed, Plan, TrainDecode, draft_reduction
 from .generate import generate_dataset, generate_main, read_done, synset_names
+from .hf import HFSource, load_hf_dataset
+from .images import EncodedImage, decode_rgb, rgb_loader
 from .loader import build_loader
-from .sources import (
-    BAD_IMAGE_POLICIES,
-    BadImageError,
-    EncodedImage,
-    HFSource,
-    ImageFolderSource,
-    ParquetSource,
-    build_dataset,
-    decode_rgb,
-    find_split_files,
-    load_hf_dataset,
-    load_sample,
-    rgb_loader,
-)
+from .parquet import ParquetSource, find_split_files
+from .reader import Deferred, SampleReader, sample_seed
+from .sources import ImageFolderSource, build_dataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting, eval_resize_size, eval_transform, train_transform
 from .validate import find_bad_images, validate_main
 
@@ -38,8 +32,11 @@ __all__ = [
     "decode_rgb",
     "EncodedImage",
     "BadImageError",
+    "BadImages",
     "BAD_IMAGE_POLICIES",
-    "load_sample",
+    "SampleReader",
+    "Deferred",
+    "sample_seed",
     "find_bad_images",
     "validate_main",
     "train_transform",
@@ -49,6 +46,7 @@ __all__ = [
     "DecodeTransform",
     "TrainDecode",
     "EvalDecode",
+    "Placed",
     "Plan",
     "draft_reduction",
     "IMAGENET_MEAN",

@@ -49,7 +49,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 
-from .sources import EncodedImage, to_rgb
+from .images import EncodedImage
 from .transforms import EVAL_RESIZE_RATIO, IMAGENET_MEAN, IMAGENET_STD, Lighting, eval_resize_size
 
 DCT_REDUCTIONS = (8, 4, 2)  # the scales libjpeg decodes at through PIL's draft, largest first
@@ -192,14 +192,11 @@ def _resize_box(rgb: Image.Image, plan: Plan, scale_xy: tuple[float, float]) -> 
 
 
 class DecodeTransform:
-    """Base of the train and eval transforms: bytes (`EncodedImage`) -> normalised float (3, S, S), or
-    its two halves: `placed` (uint8 pixels and the lighting draw) and `finish` (float, lighting, normalise).
+    """Base of the train and eval transforms: `EncodedImage` -> normalised float (3, S, S), or its two
+    halves: `placed` (uint8 pixels and the lighting draw) and `finish` (float, lighting, normalise).
 
-    Also takes an already decoded PIL image (no draft then). `plan` is the only part that differs
-    between training and evaluation.
+    `plan` is the only part that differs between training and evaluation.
     """
-
-    decodes_itself = True  # sources hand over EncodedImage instead of a decoded RGB image
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], pca_lighting: float,
                  draft: bool):
@@ -213,31 +210,30 @@ class DecodeTransform:
     def plan(self, width: int, height: int) -> Plan:
         raise NotImplementedError
 
-    def __call__(self, image: EncodedImage | Image.Image) -> torch.Tensor:
+    def __call__(self, image: EncodedImage) -> torch.Tensor:
         """The normalised float (3, S, S) image: `placed`, then `finish` on it alone."""
         pixels, alpha = self.placed(image)
         return self.finish(pixels.unsqueeze(0), alpha.unsqueeze(0))[0]
 
-    def placed(self, image: EncodedImage | Image.Image) -> Placed:
+    def placed(self, image: EncodedImage) -> Placed:
         """The worker's half: plan from the header (the RNG draws), decode, place, jitter."""
-        header = image.open() if isinstance(image, EncodedImage) else image
+        header = image.open()
         return self.place_planned(image, header, self.plan(*header.size))
 
-    def place_planned(self, image: EncodedImage | Image.Image, header: Image.Image, plan: Plan) -> Placed:
+    def place_planned(self, image: EncodedImage, header: Image.Image, plan: Plan) -> Placed:
         """`Placed` of `plan` for an image whose header is open."""
         pixels, _ = self.decode_placed(image, header, plan)
         return Placed(jitter_uint8(pixels, plan.jitter), plan.alpha())
 
-    def decode_placed(self, image: EncodedImage | Image.Image, header: Image.Image, plan: Plan
-                      ) -> tuple[torch.Tensor, float]:
+    def decode_placed(self, image: EncodedImage, header: Image.Image, plan: Plan) -> tuple[torch.Tensor, float]:
         """(uint8 output pixels of `plan`, the reduction the image was decoded at: 1 = full size)."""
         reduction = draft_reduction(plan.box[2:], plan.resize_hw) if self.draft else 1
-        if reduction == 1 and isinstance(image, EncodedImage) and is_plain_jpeg(header, image.data):
+        if reduction == 1 and is_plain_jpeg(header, image.data):
             pixels = decode_plain_jpeg(image.data, plan.image_hw)
             if pixels is not None:
                 return place(pixels, plan), 1.0
         scale_xy = _draft(header, reduction)
-        rgb = image.decode(header) if isinstance(image, EncodedImage) else to_rgb(header)
+        rgb = image.decode(header)
         return crop_and_flip(_resize_box(rgb, plan, scale_xy), plan), math.sqrt(scale_xy[0] * scale_xy[1])
 
     def finish(self, pixels: torch.Tensor, lighting_alpha: torch.Tensor) -> torch.Tensor:

@@ -10,96 +10,38 @@ computes the training step: the workers finish each batch as they collate it (`F
 the same arithmetic on the same CPU, so the same floats) and the stage passes it on.
 
 data.decode=gpu: JPEGs decoded in batches on the training device instead of in the loader workers.
-Workers read each file's bytes and its header and draw the sample's plan exactly as the cpu path
-does (data/decode.py: same seeded RNG draws, from the stored size), then pass on the bytes and the
-plan. In the main process, as the training loop takes a batch, `DecodeStage` decodes its JPEGs
-with one `torchvision.io.decode_jpeg(list, device=...)` call (nvjpeg on CUDA), cuts, resizes
-(antialiased), flips and jitters each on the device, and finishes the batch with the same
-`DecodeTransform.finish`.
+The workers' reader (data/reader.py, `defer_jpegs`) reads each file's bytes and its header and draws
+the sample's plan exactly as the cpu path does, then passes on the bytes and the plan (`Deferred`).
+In the main process, as the training loop takes a batch, `DecodeStage` decodes its JPEGs with one
+`torchvision.io.decode_jpeg(list, device=...)` call (nvjpeg on CUDA), cuts, resizes (antialiased),
+flips and jitters each on the device, and finishes the batch with the same `DecodeTransform.finish`.
 
 Both stages return the list the loader would give without them, e.g. (images, labels, index, bad) or
 (images, labels, bad), with the images normalised float32 on the device.
 
 Fallbacks, all to the cpu path under the same plan, so every sample keeps the crop decode=cpu
 gives it: a file that is not a plain JPEG (PNG, CMYK, a JPEG cut short, a header PIL cannot read)
-is decoded by the worker itself; a JPEG that `decode_jpeg` still rejects is redone in the main
-process from its dataset key, (epoch, index), which also applies data.bad_images to it. On the CPU
-device the output equals decode=cpu's with decode_draft=false exactly (same libjpeg-turbo decode,
-same resize and arithmetic); on CUDA nvjpeg's IDCT and a float resize differ by rounding.
+is decoded by the worker itself; a JPEG that `decode_jpeg` still rejects is read again in the main
+process by the same reader, decoding now (`SampleReader.read(key, defer=False)`), which also applies
+data.bad_images to it. On the CPU device the output equals decode=cpu's with decode_draft=false
+exactly (same libjpeg-turbo decode, same resize and arithmetic); on CUDA nvjpeg's IDCT and a float
+resize differ by rounding.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .decode import DecodeTransform, Placed, Plan, is_plain_jpeg, jitter_uint8, place
+from .decode import DecodeTransform, Placed, Plan, jitter_uint8, place
 from .loader import build_loader
-from .sources import EncodedImage
-
-
-@dataclass
-class Deferred:
-    """A JPEG left for the device stage: its bytes, its plan, and the dataset key to redo it on the CPU."""
-
-    data: bytes
-    plan: Plan
-    key: object = None
-
-
-class PlacedOutput:
-    """Worker-side transform of data.decode=cpu: the `DecodeTransform`'s `Placed` instead of its float image."""
-
-    decodes_itself = True
-
-    def __init__(self, transform: DecodeTransform):
-        self.transform = transform
-
-    def __call__(self, image: EncodedImage | Image.Image) -> Placed:
-        return self.transform.placed(image)
-
-
-class DeferJpegs:
-    """Worker-side transform: a device-decodable JPEG becomes `Deferred`; anything else is decoded
-    here by the cpu transform under the same plan (the plan is drawn once, before the choice)."""
-
-    decodes_itself = True
-
-    def __init__(self, cpu: DecodeTransform):
-        self.cpu = cpu
-
-    def __call__(self, image: EncodedImage | Image.Image) -> Deferred | Placed:
-        if not isinstance(image, EncodedImage):
-            return self.cpu.placed(image)
-        header = image.open()
-        plan = self.cpu.plan(*header.size)
-        if is_plain_jpeg(header, image.data):
-            return Deferred(image.data, plan)
-        return self.cpu.place_planned(image, header, plan)
-
-
-class KeyedRows(Dataset):
-    """`rows[key]` with the key written into a deferred image, so the stage can redo that row."""
-
-    def __init__(self, rows: Dataset):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key):
-        row = self.rows[key]
-        if isinstance(row[0], Deferred):
-            row[0].key = key
-        return row
+from .reader import Deferred, SampleReader
 
 
 @dataclass
@@ -172,12 +114,12 @@ class FinishStage:
 class DecodeStage:
     """Main-process stage of data.decode=gpu: [EncodedBatch, *columns] -> [images on `device`, *columns].
 
-    `fallback` is the cpu-path dataset under the same keys (EpochSeededDataset or FlaggedDataset over
-    `PlacedOutput`): a JPEG the device decoder rejects is redone from it, bad-image policy included.
+    A JPEG the device decoder rejects is read again by the workers' `reader`, decoding now (bad-image
+    policy included).
     """
 
-    def __init__(self, transform: DecodeTransform, device: torch.device | str, fallback: Dataset):
-        self.transform, self.device, self.fallback = transform, torch.device(device), fallback
+    def __init__(self, reader: SampleReader, device: torch.device | str):
+        self.reader, self.transform, self.device = reader, reader.transform, torch.device(device)
 
     def __call__(self, batch: list) -> list:
         encoded, *columns = batch
@@ -215,9 +157,9 @@ class DecodeStage:
             return None
 
     def _redo(self, key, position: int, batch: Placed, columns: list) -> None:
-        """Row `position` from the cpu path: its pixels and lighting draw, and its label and bad flag (a
+        """Row `position` decoded now: its pixels and lighting draw, and its label and bad flag (a
         substitute's under skip)."""
-        (pixels, lighting_alpha), *rest = self.fallback[key]
+        (pixels, lighting_alpha), *rest = self.reader.read(key, defer=False)
         batch.pixels[position] = pixels.to(self.device)
         batch.lighting_alpha[position] = lighting_alpha
         for column, value in zip(columns, rest):
@@ -242,41 +184,21 @@ class StagedLoader:
         return getattr(self.loader, name)
 
 
-def _decode_transform(rows: Dataset) -> DecodeTransform:
-    transform = rows.dataset.transform
-    if not isinstance(transform, DecodeTransform):
-        raise TypeError(f"the device stage needs the source's transform to be a DecodeTransform, got {type(transform)}")
-    return transform
-
-
-def _with_worker_transform(rows: Dataset, wrap: Callable) -> Dataset:
-    """`rows` (EpochSeededDataset or FlaggedDataset) over a copy of its source whose transform is wrapped."""
-    source = copy.copy(rows.dataset)
-    source.transform = wrap(source.transform)
-    worker_rows = copy.copy(rows)
-    worker_rows.dataset = source
-    return worker_rows
-
-
-def build_placed_loader(rows: Dataset, sampler: Iterable, batch_size: int, num_workers: int,
+def build_staged_loader(reader: SampleReader, sampler: Iterable, batch_size: int, num_workers: int,
                         device: torch.device | str, drop_last: bool = False, worker_seed: int = 0) -> StagedLoader:
-    """The loader of decode=cpu over `rows`, whose source's transform is a `DecodeTransform`: uint8
-    batches from the workers (pinned for CUDA), finished on `device` as they are taken; for a CPU
-    device, finished by the workers."""
-    transform, device = _decode_transform(rows), torch.device(device)
-    stage = FinishStage(transform, device, in_workers=device.type == "cpu")
-    loader = build_loader(_with_worker_transform(rows, PlacedOutput), sampler, batch_size, num_workers,
-                          pin_memory=device.type == "cuda", drop_last=drop_last, worker_seed=worker_seed,
-                          collate_fn=stage.collate if stage.in_workers else None)
+    """The loader over `reader` with the stage that finishes its batches on `device`: images normalised
+    float32 there, the other columns as the reader's rows have them.
+
+    decode=cpu (the reader decodes now): uint8 batches from the workers (pinned for CUDA), finished on
+    `device` as they are taken; for a CPU device, finished by the workers as they collate them.
+    decode=gpu (`reader.defer_jpegs`): the workers' bytes and plans, decoded by `DecodeStage` on `device`.
+    """
+    device = torch.device(device)
+    if reader.defer_jpegs:
+        stage, collate = DecodeStage(reader, device), collate_encoded
+    else:
+        stage = FinishStage(reader.transform, device, in_workers=device.type == "cpu")
+        collate = stage.collate if stage.in_workers else None
+    loader = build_loader(reader, sampler, batch_size, num_workers, pin_memory=device.type == "cuda",
+                          drop_last=drop_last, worker_seed=worker_seed, collate_fn=collate)
     return StagedLoader(loader, stage)
-
-
-def build_device_loader(rows: Dataset, sampler: Iterable, batch_size: int, num_workers: int,
-                        device: torch.device | str, drop_last: bool = False, worker_seed: int = 0) -> StagedLoader:
-    """The loader of decode=gpu over `rows`, whose source's transform is a `DecodeTransform`; batches
-    come out as the cpu path's loader gives them, images on `device`."""
-    transform, device = _decode_transform(rows), torch.device(device)
-    loader = build_loader(KeyedRows(_with_worker_transform(rows, DeferJpegs)), sampler, batch_size, num_workers,
-                          pin_memory=device.type == "cuda", drop_last=drop_last, worker_seed=worker_seed,
-                          collate_fn=collate_encoded)
-    return StagedLoader(loader, DecodeStage(transform, device, _with_worker_transform(rows, PlacedOutput)))

@@ -1,7 +1,7 @@
 """`goyal-data validate ROOT`: decode every image of a dataset once and list those that fail.
 
-Decoding goes through the same source code as training, so a file listed here is exactly one
-that `data.bad_images=fail` would stop on (and `skip` would replace).
+Each image is read by the same source as in training and decoded whole by PIL, so a file listed
+here is exactly one that `data.bad_images=fail` would stop on (and `skip` would replace).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .sources import BadImageError, build_dataset
+from .bad_images import BadImageError
+from .sources import build_dataset
 
 SPLITS = ("train", "val")
 
@@ -29,7 +30,8 @@ class _Probe(Dataset):
 
     def __getitem__(self, index: int) -> str:
         try:
-            self.dataset[index]
+            image, _ = self.dataset[index]
+            image.rgb()
         except BadImageError as e:
             return "\t".join(" ".join(str(x).split()) for x in (e.path, e.reason))  # one TSV row, whatever the text
         return ""
@@ -40,7 +42,7 @@ def find_bad_images(root: str | os.PathLike, source: str = "imagefolder", worker
     """Decode every train and val image under `root`; returns ({split: images checked}, [(location, reason)])."""
     checked, bad = {}, []
     for split in SPLITS:
-        dataset = build_dataset(source, root, split)  # no transform: decode only
+        dataset = build_dataset(source, root, split)
         loader = DataLoader(_Probe(dataset), batch_size=None, num_workers=workers)
         for row in tqdm(loader, total=len(dataset), desc=f"validate {split}", unit="img", disable=not progress,
                         mininterval=1.0):
