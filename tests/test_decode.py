@@ -489,57 +489,54 @@ def test_uint8_transport_on_cuda(salted):
 # ---------------------------------------------------------------- pinned batches
 
 
-PINNED = {  # what the pipeline gave at commit 82654d4, before the data path was restructured
-    "cpu_jitter_lighting": {
-        "train": [  # per batch: sampler indices, labels, bad flags, each image"s sum
+# What the pipeline gave at commit 82654d4, before the data path was restructured: seed 5, epoch 1.
+PINNED_ROWS = {  # per dataset; train batches: (sampler indices, labels, bad flags); val: (labels, bad flags)
+    "salted": {
+        "train": [
             ([13, 14, 1, 4, 20, 16, 15, 3, 7, 17, 5],
              [1, 1, 0, 0, 2, 2, 2, 0, 1, 2, 0],
-             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-             [760.1774, 489.1691, 810.7912, 1006.8526, 891.2471, -384.4897, 20.427, 1366.1984, 821.1472, 578.864, 282.306]),
+             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             ([8, 12, 18, 11, 21, 0, 6, 9, 2, 10, 19],
              [1, 1, 2, 1, 2, 0, 0, 1, 0, 1, 2],
-             [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
-             [209.5057, 644.6722, 44.5937, 911.2334, 592.4988, 148.1805, 994.7381, 244.6713, -291.0261, 818.3783, 716.2895]),
+             [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
         ],
-        "val": [  # per batch: labels, bad flags, each image"s sum
-            ([0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0],
-             [447.1713, 852.5018, 565.9354, 496.4645, 906.4605, -23.8058, 285.6646]),
-        ],
+        "val": [([0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0])],
     },
-    "gpu_on_cpu": {
-        "train": [  # per batch: sampler indices, labels, bad flags, each image"s sum
-            ([13, 14, 1, 4, 20, 16, 15, 3, 7, 17, 5],
-             [1, 1, 0, 0, 2, 2, 2, 0, 1, 2, 0],
-             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-             [890.707, 197.3391, 518.9131, 780.9196, 509.3697, 361.8414, 154.4195, 760.7426, 291.2611, 780.8959, 260.9468]),
-            ([8, 12, 18, 11, 21, 0, 6, 9, 2, 10, 19],
-             [1, 1, 2, 1, 2, 0, 0, 1, 0, 1, 2],
-             [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
-             [476.7483, 230.0284, -24.0399, 320.1462, 449.547, 481.5916, 633.6641, 961.0289, 266.8603, 616.2176, 757.0365]),
-        ],
-        "val": [  # per batch: labels, bad flags, each image"s sum
-            ([0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0],
-             [445.9131, 850.2529, 563.873, 496.4645, 902.9677, -25.0517, 284.8375]),
-        ],
-    },
-    "parquet_drafted": {
-        "train": [  # per batch: sampler indices, labels, bad flags, each image"s sum
+    "small_parquet": {
+        "train": [
             ([15, 3, 6, 16, 10, 4, 0, 2, 8, 14, 12],
              [2, 0, 1, 2, 1, 0, 0, 0, 1, 2, 2],
-             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-             [679.5935, 787.249, 178.5588, 494.1378, 869.6311, 283.1713, 548.82, 823.9159, 286.158, 343.9354, 49.6227]),
+             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
         ],
-        "val": [  # per batch: labels, bad flags, each image"s sum
-            ([0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0],
-             [452.4739, 860.049, 579.8428, 892.0874, -41.9342, 275.8326]),
-        ],
+        "val": [([0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0])],
     },
 }
-
-PINNED_OVERRIDES = {
-    "cpu_jitter_lighting": ["data.color_jitter=0.4", "data.pca_lighting=0.1"],
-    "gpu_on_cpu": ["data.decode=gpu", "data.decode_draft=false"],
-    "parquet_drafted": ["data.source=parquet"],  # 120x90 JPEGs at 16 px: most crops drafted
+PINNED_SUMS = {  # per batch, each image's sum
+    "cpu_jitter_lighting": {
+        "train": [
+            [760.1774, 489.1691, 810.7912, 1006.8526, 891.2471, -384.4897, 20.427, 1366.1984, 821.1472, 578.864, 282.306],
+            [209.5057, 644.6722, 44.5937, 911.2334, 592.4988, 148.1805, 994.7381, 244.6713, -291.0261, 818.3783, 716.2895],
+        ],
+        "val": [[447.1713, 852.5018, 565.9354, 496.4645, 906.4605, -23.8058, 285.6646]],
+    },
+    "gpu_on_cpu": {
+        "train": [
+            [890.707, 197.3391, 518.9131, 780.9196, 509.3697, 361.8414, 154.4195, 760.7426, 291.2611, 780.8959, 260.9468],
+            [476.7483, 230.0284, -24.0399, 320.1462, 449.547, 481.5916, 633.6641, 961.0289, 266.8603, 616.2176, 757.0365],
+        ],
+        "val": [[445.9131, 850.2529, 563.873, 496.4645, 902.9677, -25.0517, 284.8375]],
+    },
+    "parquet_drafted": {
+        "train": [
+            [679.5935, 787.249, 178.5588, 494.1378, 869.6311, 283.1713, 548.82, 823.9159, 286.158, 343.9354, 49.6227],
+        ],
+        "val": [[452.4739, 860.049, 579.8428, 892.0874, -41.9342, 275.8326]],
+    },
+}
+PINNED_CONFIGS = {  # dataset, overrides
+    "cpu_jitter_lighting": ("salted", ["data.color_jitter=0.4", "data.pca_lighting=0.1"]),
+    "gpu_on_cpu": ("salted", ["data.decode=gpu", "data.decode_draft=false"]),
+    "parquet_drafted": ("small_parquet", ["data.source=parquet"]),  # 120x90 JPEGs at 16 px: most crops drafted
 }
 
 
@@ -550,18 +547,18 @@ def small_parquet(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", list(PINNED))
+@pytest.mark.parametrize("name", list(PINNED_CONFIGS))
 def test_batches_equal_the_pinned_ones(salted, small_parquet, name):
-    """Seed 5, epoch 1: the same samples, labels, substitutes and pixels as the pipeline gave before."""
-    root = small_parquet if name == "parquet_drafted" else salted
-    data = _data(root, "data.workers=0", "data.bad_images=skip", "run.seed=5", *PINNED_OVERRIDES[name])
+    """The same samples, labels, substitutes and pixels as the pipeline gave before."""
+    dataset, overrides = PINNED_CONFIGS[name]
+    root = {"salted": salted, "small_parquet": small_parquet}[dataset]
+    data = _data(root, "data.workers=0", "data.bad_images=skip", "run.seed=5", *overrides)
     train = [(i.tolist(), y.tolist(), b.tolist(), x.double().sum((1, 2, 3)).tolist())
              for x, y, i, b in _epoch(data, epoch=1)]
     val = [(y.tolist(), b.tolist(), x.double().sum((1, 2, 3)).tolist()) for x, y, b in data.val_loader]
-    pinned = PINNED[name]
-    assert [row[:3] for row in train] == [row[:3] for row in pinned["train"]]
-    assert [row[:2] for row in val] == [row[:2] for row in pinned["val"]]
+    assert [row[:3] for row in train] == PINNED_ROWS[dataset]["train"]
+    assert [row[:2] for row in val] == PINNED_ROWS[dataset]["val"]
     # One pixel moved by one level changes a sum by 1 / 255 / 0.229 = 0.017; the pins are rounded to 1e-4.
-    for ours, theirs in zip([row[3] for row in train] + [row[2] for row in val],
-                            [row[3] for row in pinned["train"]] + [row[2] for row in pinned["val"]], strict=True):
-        assert ours == pytest.approx(theirs, abs=2e-3)
+    sums = [row[3] for row in train] + [row[2] for row in val]
+    for ours, pinned in zip(sums, PINNED_SUMS[name]["train"] + PINNED_SUMS[name]["val"], strict=True):
+        assert ours == pytest.approx(pinned, abs=2e-3)
