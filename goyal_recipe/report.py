@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from goyal_recipe.records import METRICS_FILE, RunRecord, read_run
+from goyal_recipe.records import RunRecord, read_run
 
 __all__ = ["NothingToPlotError", "RunCurves", "figure_axes", "load_curves", "plot_run", "plot_overlay", "plot_main",
            "save_figure"]
