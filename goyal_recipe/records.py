@@ -235,8 +235,12 @@ def read_run(path: str | os.PathLike, missing_ok: bool = False) -> RunLog:
         if not file.parent.is_dir():
             raise FileNotFoundError(f"run directory {file.parent} does not exist")
         raise FileNotFoundError(f"{file} not found ({file.parent} is not a run directory)")
+    try:
+        numbered = list(iter_jsonl(file))
+    except ValueError as err:  # a line, not the last, that is not a JSON object
+        raise RecordError(f"{err}; pass a metrics.jsonl written by goyal-train") from None
     records = []
-    for number, line in iter_jsonl(file):
+    for number, line in numbered:
         try:
             records.append(from_dict(line))
         except RecordError as err:

@@ -265,6 +265,9 @@ def test_read_run_errors_name_the_file_and_line(tmp_path):
     path.write_text(json.dumps(_start(0, 1.0).as_dict()) + "\n" + json.dumps({"kind": "stpe", "update": 1}) + "\n")
     with pytest.raises(RecordError, match=r"metrics\.jsonl:2: unknown record kind 'stpe'"):
         read_run(path)
+    path.write_text('{"kind": "st\n' + json.dumps(_start(0, 1.0).as_dict()) + "\n")
+    with pytest.raises(RecordError, match=r"metrics\.jsonl:1: not a JSON record .*; pass a metrics\.jsonl written"):
+        read_run(path)
     path.write_text(json.dumps({"kind": "epoch", "train_loss": 1.0}) + "\n")
     with pytest.raises(RecordError, match=r"metrics\.jsonl:1: epoch record without a numeric 'epoch'"):
         read_run(tmp_path)
