@@ -1,9 +1,9 @@
 """Input-pipeline throughput: the trainer's training loader against torchvision ImageFolder + PIL + DataLoader.
 
 trainer:   `goyal_recipe.data.pipeline.build_data` for an imagefolder recipe, iterated as the trainer
-           iterates it: `ImageFolderSource` + `TrainDecode` in the workers (crop planned from the JPEG
-           header, draft decode when the crop allows it, random-resized crop, flip; uint8 out) +
-           `EpochSeededDataset` (augmentation seeded per sample) + `EpochTaggedSampler(EpochShuffleSampler)`
+           iterates it: `ImageFolderSource` + `SampleReader` in the workers (augmentation seeded per
+           sample; `TrainDecode`'s crop planned from the JPEG header, draft decode when the crop allows
+           it, random-resized crop, flip; uint8 out) + `EpochTaggedSampler(EpochShuffleSampler)`
            + `build_loader` (persistent workers, pinned memory on CUDA), then the stage in this process
            that finishes each batch on --device (float, normalise); `--decode gpu`: the stage decodes too.
 trainer_workers: the same DataLoader without the stage: the batches as the workers hand them on
