@@ -13,7 +13,8 @@ from scipy import io as scipy_io
 from torchvision.datasets import imagenet
 from torchvision.datasets.utils import calculate_md5
 
-from _runs import overrides, records, samples_by_epoch, train
+from _loop import run_local
+from _runs import records, samples_by_epoch
 from goyal_recipe.cli import data_main
 from goyal_recipe.data.generate import generate_dataset
 
@@ -116,7 +117,7 @@ def test_prepare_imagenet_puts_every_image_under_its_class_and_the_trainer_reads
     assert (tmp_path / "bad.tsv").read_text() == ""
 
     run = tmp_path / "runs"
-    train(overrides(dst, run, "imagenet", **{"run.max_updates": 1}))
+    run_local(dst, run, "imagenet", **{"run.max_updates": 1})  # the trainer in this process (engine=local)
     steps = records(run / "imagenet", "step")
     assert [(r["update"], r["epoch"]) for r in steps] == [(1, 0.5)]  # 32 training images, kn = 16
     samples = samples_by_epoch(run / "imagenet", [0])[0]
