@@ -6,7 +6,8 @@ bad-image policy) -> the loader's stage (finish on the training device); see dat
 """
 
 from .bad_images import BAD_IMAGE_POLICIES, BadImageError, BadImages
-from .decode import DecodeTransform, EvalDecode, Placed, Plan, TrainDecode, draft_reduction
+from .decode import DecodeTransform, EvalDecode, TrainDecode
+from .pixels import Placed, Plan, draft_reduction
 from .generate import generate_dataset, generate_main, read_done, synset_names
 from .hf import HFSource, load_hf_dataset
 from .images import EncodedImage, decode_rgb, rgb_loader

@@ -39,7 +39,8 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .decode import DecodeTransform, Placed, Plan, jitter_uint8, place
+from .decode import DecodeTransform
+from .pixels import Placed, Plan, jitter_uint8, place
 from .loader import build_loader
 from .reader import Deferred, SampleReader
 

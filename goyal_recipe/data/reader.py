@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .bad_images import BadImages
-from .decode import DecodeTransform, Placed, Plan, is_plain_jpeg
+from .decode import DecodeTransform
+from .pixels import Placed, Plan, is_plain_jpeg
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)  # odd 64-bit constants (golden ratio, splitmix64)
 

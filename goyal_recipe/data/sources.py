@@ -15,7 +15,7 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .bad_images import BadImageError  # noqa: F401  (goyal_recipe.data.sources.BadImageError is public)
-from .hf import HFSource, load_hf_dataset  # noqa: F401
+from .hf import HFSource
 from .images import EncodedImage, read_bytes
 from .parquet import HF_SPLITS, ParquetSource, find_split_files, parquet_error
 
