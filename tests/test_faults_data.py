@@ -270,7 +270,7 @@ def test_pipeline_carries_the_bad_flag_to_the_trainer(roots, tmp_path):
                              "batch.per_device_batch_size=13", "model.bn_group_size=13"])
     engine = SimpleNamespace(is_main=True, world_size=1, rank=0, device=torch.device("cpu"), barrier=lambda: None)
     data = build_data(cfg, plan_batches(cfg, 1), engine)
-    val_reader = data.val_loader.dataset
+    val_reader = data.val_loader.loader.dataset
     assert isinstance(val_reader, SampleReader) and val_reader.seed is None and val_reader.bad_images.policy == "skip"
     data.train_sampler.set_epoch(0)
     batches = list(data.train_loader)

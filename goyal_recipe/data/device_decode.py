@@ -179,11 +179,6 @@ class StagedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __getattr__(self, name):  # batch_size, dataset, sampler... as the DataLoader has them
-        if name in ("loader", "stage"):  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
 
 def build_staged_loader(reader: SampleReader, sampler: Iterable, batch_size: int, num_workers: int,
                         device: torch.device | str, drop_last: bool = False, worker_seed: int = 0) -> StagedLoader:
