@@ -320,7 +320,9 @@ def test_files_the_device_cannot_decode_take_the_cpu_path(salted):
             with pytest.raises(BadImageError, match="truncated"):
                 reader[key]
             continue
+        rng = torch.get_rng_state()
         out, label, index, bad = reader[key]
+        assert torch.equal(torch.get_rng_state(), rng)  # this process's stream is left as it was
         assert (label, index, bad) == (source.targets[key[1]], key[1], 0)
         assert isinstance(out, Deferred) is (name in ("gray", "plain")), name
         # The sample's draws come from its own seed, whatever was drawn before.
