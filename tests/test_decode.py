@@ -441,6 +441,7 @@ def test_uint8_batches_equal_the_float_path(salted, decode, augment):
     assert torch.cat([b for *_, b in val]).tolist() == [row[2] for row in val_rows]
 
 
+@pytest.mark.filterwarnings("ignore:EpochShuffleSampler iterated twice")  # epoch 0 read twice, on purpose
 def test_the_stage_applies_the_lighting_the_workers_drew(salted):
     data = _data(salted, "data.workers=2", "data.bad_images=skip", "data.pca_lighting=0.1")
     data.train_sampler.set_epoch(0)
