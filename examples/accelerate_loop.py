@@ -2,8 +2,9 @@
 
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py
 
-Prints the LR of every update: gradual warmup 0.1 -> 0.4 over epoch 0, 0.4 in epoch 1, 0.04 in epoch 2.
-`--out DIR` also writes each process's updates (LR, loss, sample indices) and the parameters after
+Prints the LR of every update (gradual warmup 0.1 -> 0.4 over epoch 0, 0.4 in epoch 1, 0.04 in epoch 2) and
+the gradient noise scale B_simple measured on it. `--out DIR` also writes each process's updates (LR, loss,
+sample indices, noise scale) and the parameters after
 update 3 and at the end; `--checkpoint-at U --checkpoint DIR` saves the state after update U
 (`accelerator.save_state`) and goes on; `--resume DIR` continues from such a state.
 """
@@ -27,7 +28,7 @@ from example_data import dataset, model, schedule  # beside this file: generated
 GLOBAL_BATCH_SIZE, PER_DEVICE_BATCH_SIZE = 32, 8  # kn and n
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> Accelerator:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--out", type=Path)
@@ -46,7 +47,8 @@ def main(argv=None) -> None:
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     data = dataset(dtype)
     recipe = AccelerateRecipe(accelerator, schedule(GLOBAL_BATCH_SIZE), num_samples=len(data),
-                              per_device_batch_size=PER_DEVICE_BATCH_SIZE, bn_group_size=PER_DEVICE_BATCH_SIZE)
+                              per_device_batch_size=PER_DEVICE_BATCH_SIZE, bn_group_size=PER_DEVICE_BATCH_SIZE,
+                              noise_scale_every_updates=1)  # B_simple from the gradients the loop already has
     net = model(dtype)
     loader = DataLoader(data, batch_size=PER_DEVICE_BATCH_SIZE, sampler=recipe.sampler)
     net, optimizer, loader, scheduler = recipe.prepare(net, build_optimizer(net, weight_decay=1e-4), loader)
@@ -68,8 +70,10 @@ def main(argv=None) -> None:
             indices += index.tolist()
             if not accelerator.sync_gradients:
                 continue
-            accelerator.print(f"epoch {epoch} update {update} lr {lr:.4f}")
-            records.append({"update": update, "epoch": epoch, "lr": lr, "loss": loss_sum, "indices": indices})
+            noise = recipe.noise_scale.fields()
+            accelerator.print(f"epoch {epoch} update {update} lr {lr:.4f} noise scale {noise['noise_scale']}")
+            records.append({"update": update, "epoch": epoch, "lr": lr, "loss": loss_sum, "indices": indices,
+                            "noise": noise})
             loss_sum, indices = 0.0, []
             if args.out and accelerator.is_main_process and update + 1 == 3:
                 torch.save(accelerator.unwrap_model(net).state_dict(), args.out / "params_update3.pt")
@@ -81,8 +85,8 @@ def main(argv=None) -> None:
         (args.out / f"updates_rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         if accelerator.is_main_process:
             torch.save(accelerator.unwrap_model(net).state_dict(), args.out / "params_final.pt")
-    accelerator.end_training()
+    return accelerator
 
 
 if __name__ == "__main__":
-    main()
+    main().end_training()

@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_loop.py
 
-Prints the LR of every update: gradual warmup 0.1 -> 0.4 over epoch 0, 0.4 in epoch 1, 0.04 in epoch 2.
-`--out DIR` also writes each process's updates (LR, loss, sample indices) and the parameters after
+Prints the LR of every update (gradual warmup 0.1 -> 0.4 over epoch 0, 0.4 in epoch 1, 0.04 in epoch 2) and
+the gradient noise scale B_simple measured on it. `--out DIR` also writes each process's updates (LR, loss,
+sample indices, noise scale) and the parameters after
 update 3 and at the end.
 """
 
@@ -30,14 +31,18 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-
     dist.init_process_group("gloo")  # "nccl" on GPUs (and the model on its device)
+    train(getattr(torch, args.dtype), args.out)
+    dist.destroy_process_group()
+
+
+def train(dtype: torch.dtype, out: Path | None = None) -> None:
+    """The loop, in the process group already joined."""
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
     data = dataset(dtype)
     recipe = DDPRecipe(schedule(GLOBAL_BATCH_SIZE), num_samples=len(data), per_device_batch_size=PER_DEVICE_BATCH_SIZE,
-                       bn_group_size=PER_DEVICE_BATCH_SIZE)
+                       bn_group_size=PER_DEVICE_BATCH_SIZE, noise_scale_every_updates=1)
     # Per-worker BN statistics (the paper): rank 0's BN buffers are not copied at each forward.
     net = DistributedDataParallel(model(dtype), broadcast_buffers=False)
     optimizer = build_optimizer(net, weight_decay=1e-4)
@@ -59,18 +64,19 @@ def main(argv=None) -> None:
             update, lr = recipe.updates_done - 1, optimizer.param_groups[0]["lr"]
             scheduler.step()
             optimizer.zero_grad()
+            noise = recipe.noise_scale.fields()  # B_simple from the gradients the loop already has
             if dist.get_rank() == 0:
-                print(f"epoch {epoch} update {update} lr {lr:.4f}", flush=True)
-            records.append({"update": update, "epoch": epoch, "lr": lr, "loss": loss_sum, "indices": indices})
+                print(f"epoch {epoch} update {update} lr {lr:.4f} noise scale {noise['noise_scale']}", flush=True)
+            records.append({"update": update, "epoch": epoch, "lr": lr, "loss": loss_sum, "indices": indices,
+                            "noise": noise})
             loss_sum, indices = 0.0, []
-            if args.out and dist.get_rank() == 0 and update + 1 == 3:
-                torch.save(net.module.state_dict(), args.out / "params_update3.pt")
+            if out and dist.get_rank() == 0 and update + 1 == 3:
+                torch.save(net.module.state_dict(), out / "params_update3.pt")
 
-    if args.out:
-        (args.out / f"updates_rank{dist.get_rank()}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if out:
+        (out / f"updates_rank{dist.get_rank()}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         if dist.get_rank() == 0:
-            torch.save(net.module.state_dict(), args.out / "params_final.pt")
-    dist.destroy_process_group()
+            torch.save(net.module.state_dict(), out / "params_final.pt")
 
 
 if __name__ == "__main__":

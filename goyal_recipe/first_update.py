@@ -126,26 +126,45 @@ class FirstUpdateCheck:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._detach()
+
+    def _detach(self) -> None:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
         if self.on_remove is not None:
             self.on_remove()
             self.on_remove = None
 
+    def _remove_after_step(self) -> None:
+        """`remove` from inside the pre-hook: deleting a pre-hook while the optimizer iterates over them
+        breaks that iteration when another hook follows (a noise-scale meter), so the handles go after the
+        step, from a post-hook that is the last one registered and removes itself."""
+        handles, self._handles = self._handles, []
+        self._detach()
+        cell = []
+
+        def drop(*_):
+            for handle in (*handles, *cell):
+                handle.remove()
+
+        cell.append(self.optimizer.register_step_post_hook(drop))
+
     def _update_index(self) -> int | None:
         return self.scheduler.updates_done if isinstance(self.scheduler, GoyalLR) else None
 
     def _before_update(self, optimizer, args, kwargs) -> None:
-        if self.findings is None:
-            try:
-                self._check_first()
-            except BaseException:
-                self.remove()
-                raise
-        else:
-            self._check_next_epoch()
+        if not self._handles:
+            return  # done; the handle goes after this step
+        try:
+            done = self._check_first() if self.findings is None else self._check_next_epoch()
+        except BaseException:
+            self.remove()  # the exception ends the optimizer's iteration over its hooks
+            raise
+        if done:
+            self._remove_after_step()
 
-    def _check_first(self) -> None:
+    def _check_first(self) -> bool:
+        """The first update's check; True when nothing is left to check."""
         findings = list(self.static()) + self._runtime_findings()
         self.findings = allowed(findings, self.allow)
         self._report(self.findings)
@@ -154,15 +173,15 @@ class FirstUpdateCheck:
         self._first_update = update
         self._first_epoch = getattr(self.sampler, "epoch", None)
         if update is None or self._first_epoch is None:
-            self.remove()
-        else:
-            _ACTIVE.remove(self)  # the loss is checked once; the hook waits for the next epoch
+            return True
+        _ACTIVE.remove(self)  # the loss is checked once; the hook waits for the next epoch
+        return False
 
-    def _check_next_epoch(self) -> None:
+    def _check_next_epoch(self) -> bool:
+        """At the next epoch's first update the sampler must have moved on; True once that update is reached."""
         update, upe = self._update_index(), self.scheduler.updates_per_epoch
         if update // upe == self._first_update // upe:
-            return
-        self.remove()
+            return False
         epoch = getattr(self.sampler, "epoch", None)
         if epoch is not None and epoch == self._first_epoch:
             refuse_silent(allowed([Finding(
@@ -170,6 +189,7 @@ class FirstUpdateCheck:
                 f"update {update} starts epoch {update // upe} but the sampler is still at epoch {epoch}: the "
                 "epoch repeats the last one's order (Remark 4: one shuffle per epoch); call "
                 "sampler.set_epoch(epoch) (or loader.set_epoch) before each epoch", True)], self.allow))
+        return True
 
     def _report(self, findings: list[Finding]) -> None:
         joined = torch.distributed.is_available() and torch.distributed.is_initialized()

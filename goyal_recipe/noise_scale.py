@@ -8,20 +8,18 @@ two equations: the gradient of one rank or one accumulation micro-batch before t
 (their simple noise scale) approximates the critical batch: well below it, doubling kn nearly halves the updates
 needed; well above it, a larger kn buys little.
 
-Any loop whose update is the mean gradient over kn = n x W x A images (A micro-batches of n images on
-each of W ranks), in a few lines:
+Any loop whose update is the mean gradient over kn = n x W x A samples (A micro-batches of n samples on
+each of W ranks, W x A >= 2), in a few lines:
 
-    noise = GradientNoiseScale()
-    norms = BackwardGradNorms(model.parameters())     # hooks on the parameters, before or after DDP wraps them
-    for images, labels in micro_batches:              # the A micro-batches of this update
-        (loss_fn(model(images), labels) * c).backward()   # c: what the loop multiplies a micro-batch mean by
-    small = all_reduce_sum(norms.take()) / (c ** 2 * W * A)   # mean |G_n|^2 over the (rank, micro-batch) pairs
-    noise.update(small, n, grad_sq_norm(model.parameters()), kn)   # .grad after the all-reduce: |G_kn|^2
-    optimizer.step(); optimizer.zero_grad()
-    print(noise.b_simple)
+    noise = LoopNoiseScale(model.parameters(), micro_batch_size=n, global_batch_size=kn, world_size=W,
+                           every_updates=4).attach(optimizer)     # before or after DDP wraps the model
+    ...                                                       # the loop, unchanged
+    log(noise.fields())     # noise_scale (B_simple), noise_grad_sq, noise_trace_sigma
+    save(noise.state_dict())                                  # load_state_dict on resume
 
-(c = 1 / A for the usual `loss / accumulation_steps`; c = n W / kn under `global_batch_loss`; W x A must
-be at least 2.) Core module: torch only.
+Its pieces, for a loop that measures elsewhere than at the optimizer's step: `BackwardGradNorms`
+(each backward's own squared norm, before `.grad` and the all-reduce), `grad_sq_norm` (|G_kn|^2 from
+`.grad` after it) and `GradientNoiseScale` (the averages). Core module: torch only.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["noise_scale_estimates", "GradientNoiseScale", "BackwardGradNorms", "grad_sq_norm"]
+__all__ = ["noise_scale_estimates", "GradientNoiseScale", "BackwardGradNorms", "grad_sq_norm", "LoopNoiseScale"]
 
 
 def _check_batches(small_batch: float, big_batch: float) -> None:
@@ -120,12 +118,13 @@ class GradientNoiseScale:
 
 
 def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Squared L2 norm of all `.grad` of `params`, as a 0-dim float32 tensor on their device (no sync)."""
+    """Squared L2 norm of all `.grad` of `params`, as a 0-dim tensor on their device (no sync): float32,
+    or float64 for float64 gradients."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    return torch.stack(norms).float().square().sum()
+    norms = torch.stack(torch._foreach_norm(grads))
+    return norms.to(torch.promote_types(norms.dtype, torch.float32)).square().sum()
 
 
 class BackwardGradNorms:
@@ -146,7 +145,8 @@ class BackwardGradNorms:
 
     def _record(self, grad: torch.Tensor) -> None:
         if self.active:
-            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+            # At least float32 (bf16/fp16 gradients), float64 for a float64 model.
+            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)))
 
     def take(self) -> torch.Tensor:
         """Sum over the backward passes since the last call of their squared gradient norm (0-dim tensor)."""
@@ -161,3 +161,122 @@ class BackwardGradNorms:
             handle.remove()
         self._handles = []
         self._norms = []
+
+
+class LoopNoiseScale:
+    """B_simple of a data-parallel loop's updates, measured on the gradients the loop already computes.
+
+    Each update of kn = n x W x A samples runs A backward passes of n samples on each of W ranks. The
+    small batches are those W x A micro-batch gradients, seen by `BackwardGradNorms` before they are
+    accumulated or all-reduced; the big batch is the update's gradient over kn, read from `.grad` after
+    the all-reduce (or given by the engine: `measure(big_sq_norm=...)`). `attach(optimizer)` measures
+    in a pre-step hook of the innermost torch optimizer, whose step runs once per real update.
+
+    `loss_scale`: what each micro-batch's per-sample mean loss is multiplied by before its backward,
+    after any division the engine makes (default n W / kn: the loss of `global_batch_loss` or a
+    recipe's `loss()` under a mean all-reduce; a plain `loss / A` is the same). Only every
+    `every_updates`-th update is measured (update t when t % every_updates == 0): the hooks are
+    registered for the backward passes of those updates alone, so the others cost one Python call.
+    Each measured update adds one all-reduce of one number; the squared norms stay on the device
+    until the averages are read (`tracker`, `fields()`, `state_dict()`). Under a gradient scaler
+    (fp16), `grad_scaler.get_scale()` is divided out of the micro-batch norms; a step the scaler skips
+    leaves non-finite norms, so the next update is not measured.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, micro_batch_size: int, global_batch_size: int,
+                 world_size: int = 1, loss_scale: float | None = None, every_updates: int = 1,
+                 ema_decay: float = 0.95, grad_scaler=None):
+        n, kn, world = int(micro_batch_size), int(global_batch_size), int(world_size)
+        if n < 1 or kn % (n * world):
+            raise UserError(f"global_batch_size={kn} is not a whole number of micro-batches of {n} on {world} "
+                            "ranks; pass the loop's kn, per-device micro-batch and world size")
+        if kn == n:
+            raise UserError(f"the noise scale needs two gradients per update, but kn = {kn} is one micro-batch "
+                            "on one rank; use gradient accumulation or more ranks, or leave it off")
+        if int(every_updates) < 1:
+            raise UserError(f"every_updates must be at least 1, got {every_updates}")
+        self.params = [p for p in params if p.requires_grad]
+        self.micro_batch_size, self.global_batch_size, self.world_size = n, kn, world
+        self.every_updates = int(every_updates)
+        self.grad_scaler = grad_scaler
+        scale = n * world / kn if loss_scale is None else float(loss_scale)
+        # Mean |G_n|^2 over the W x A (rank, micro-batch) gradients from the sum of their scaled squares.
+        self._small_factor = 1.0 / (scale ** 2 * (kn // n))
+        self._tracker = GradientNoiseScale(ema_decay)
+        self._pending: list[torch.Tensor] = []  # [mean |G_n|^2, |G_kn|^2] of measured updates not read yet
+        self._norms: BackwardGradNorms | None = None
+        self._hook = None
+        self.updates_seen = 0
+        self._arm()
+
+    # --- measuring
+    def _arm(self) -> None:
+        """Hooks on for the next update's backward passes when it is measured, else off."""
+        measured = self.updates_seen % self.every_updates == 0
+        if measured and self._norms is None:
+            self._norms = BackwardGradNorms(self.params)
+        elif not measured and self._norms is not None:
+            self._norms.remove()
+            self._norms = None
+
+    def measure(self, big_sq_norm=None) -> None:
+        """Call once per real update, after the gradient all-reduce (every rank: a collective on measured
+        updates). `big_sq_norm`: |G_kn|^2 where the engine keeps the reduced gradient out of `.grad`."""
+        if self._norms is not None:
+            small = self._norms.take().double()
+            if big_sq_norm is None:
+                big_sq_norm = grad_sq_norm(self.params)
+            big = torch.as_tensor(big_sq_norm, dtype=torch.float64).reshape(()).to(small.device)
+            if self.world_size > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(small)
+            if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+                small = small / self.grad_scaler.get_scale() ** 2  # the hooks saw the scaled loss's gradients
+            self._pending.append(torch.stack([small * self._small_factor, big]))
+        self.updates_seen += 1
+        if self.every_updates > 1:
+            self._arm()
+
+    def attach(self, optimizer) -> "LoopNoiseScale":
+        """Measure in a pre-step hook of the innermost torch optimizer (under accelerate's or Trainer's wrapper)."""
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        self._hook = optimizer.register_step_pre_hook(lambda *_: self.measure())
+        return self
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._norms is not None:
+            self._norms.remove()
+            self._norms = None
+
+    # --- reading
+    @property
+    def tracker(self) -> GradientNoiseScale:
+        """The averages, with the updates measured since the last read folded in, in order (one host copy)."""
+        if self._pending:
+            pending, self._pending = torch.stack(self._pending).tolist(), []
+            for small, big in pending:
+                if math.isfinite(small) and math.isfinite(big):
+                    self._tracker.update(small, self.micro_batch_size, big, self.global_batch_size)
+        return self._tracker
+
+    def fields(self) -> dict:
+        """B_simple in samples, and the averaged |G|^2 and tr(Sigma) it divides (empty before a measurement)."""
+        t = self.tracker
+        if not t.updates:
+            return {}
+        return {"noise_scale": t.b_simple, "noise_grad_sq": t.grad_sq, "noise_trace_sigma": t.trace_sigma}
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict(), "updates_seen": self.updates_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.updates_seen = int(state["updates_seen"])
+        if self._norms is not None:
+            self._norms.clear()
+        self._arm()

@@ -2,19 +2,22 @@
 
 `reference_updates` gives the micro-batches that the ranks of a loop under test step over together
 (goyal-train's order: one permutation per epoch, kn samples per update in blocks of the micro-batch);
-`reference_parameters` steps one process over them with the recipe's update. The accelerate and DDP
+`reference_parameters` steps one process over them with the recipe's update (`reference_run`: and the
+noise scale of each update from its micro-batches' own gradients). The accelerate and DDP
 examples train the same problem (`example_data`'s MLP) and write the same records (`--out DIR`): the
 checks of those runs are here once.
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer
+from goyal_recipe import EpochShuffleSampler, GoyalLR, GradientNoiseScale, build_optimizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))  # the examples and their shared example_data import as modules
@@ -36,18 +39,49 @@ def reference_updates(num_samples: int, global_batch_size: int, per_device_batch
     return result
 
 
-def reference_parameters(model, optimizer, scheduler, updates, loss_of) -> list[dict[str, torch.Tensor]]:
-    """One process over `updates` (from `reference_updates`): `loss_of(block)` back-propagated for each
-    micro-batch, then one optimizer step and one scheduler step. The parameters after each update."""
-    states = []
+def reference_run(model, optimizer, scheduler, updates, loss_of, global_batch_size: int
+                  ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """One process over `updates` (from `reference_updates`): `loss_of(block)` (the block's share of the
+    kn mean) back-propagated for each micro-batch, then one optimizer step and one scheduler step.
+
+    Returns the parameters after each update, and the noise scale's averages after each (a
+    `GradientNoiseScale` fed, per update, the mean squared norm of the micro-batch mean gradients,
+    kn / n times each block's own gradient, and the squared norm of their mean, the update's `.grad`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    noise, states, fields = GradientNoiseScale(), [], []
     for micro_batches in updates:
+        small = []
         for block in micro_batches:
-            loss_of(block).backward()
+            grads = torch.autograd.grad(loss_of(block), params)
+            small.append(sum(float(g.double().square().sum()) for g in grads) * (global_batch_size / len(block)) ** 2)
+            for p, g in zip(params, grads):
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        big = sum(float(p.grad.double().square().sum()) for p in params)
+        noise.update(sum(small) / len(small), len(micro_batches[0]), big, global_batch_size)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
         states.append({name: p.detach().clone() for name, p in model.named_parameters()})
-    return states
+        fields.append({"noise_scale": noise.b_simple, "noise_grad_sq": noise.grad_sq,
+                       "noise_trace_sigma": noise.trace_sigma})
+    return states, fields
+
+
+def reference_parameters(model, optimizer, scheduler, updates, loss_of) -> list[dict[str, torch.Tensor]]:
+    """The parameters after each update of `reference_run`."""
+    kn = sum(len(block) for block in updates[0])
+    return reference_run(model, optimizer, scheduler, updates, loss_of, kn)[0]
+
+
+def check_noise_scale(got: list[dict], expected: list[dict], rel: float) -> None:
+    """A run's logged noise scale after each update against the reference's: same images, same estimate,
+    whatever the split into ranks and micro-batches."""
+    assert len(got) == len(expected)
+    for update, (a, b) in enumerate(zip(got, expected)):
+        for key, value in b.items():
+            assert a[key] == (None if value is None else pytest.approx(value, rel=rel)), (update, key, a[key], value)
+    # The estimates move with the weights: a constant would not pass as every update's.
+    assert len({round(b["noise_grad_sq"], 12) for b in expected}) == len(expected)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -68,8 +102,10 @@ def saved_parameters(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
-def mlp_reference(updates: int) -> list[dict[str, torch.Tensor]]:
-    """One process, float64: each micro-batch's loss summed / kn (BN over each), torch SGD with GoyalLR."""
+@functools.cache
+def mlp_reference(updates: int) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """One process, float64: each micro-batch's loss summed / kn (BN over each), torch SGD with GoyalLR;
+    the parameters and the noise scale after each update (`reference_run`)."""
     data = example_data.dataset(torch.float64)
     net = example_data.model(torch.float64)
     optimizer = build_optimizer(net, weight_decay=1e-4)
@@ -78,8 +114,8 @@ def mlp_reference(updates: int) -> list[dict[str, torch.Tensor]]:
         x, y, _ = data[block]
         return F.cross_entropy(net(x), y, reduction="sum") / KN
 
-    return reference_parameters(net, optimizer, GoyalLR(optimizer, SCHEDULE, UPDATES_PER_EPOCH),
-                                reference_updates(example_data.NUM_SAMPLES, KN, N, updates), loss_of)
+    return reference_run(net, optimizer, GoyalLR(optimizer, SCHEDULE, UPDATES_PER_EPOCH),
+                         reference_updates(example_data.NUM_SAMPLES, KN, N, updates), loss_of, KN)
 
 
 def check_lr_of_every_update(out: Path) -> None:
@@ -105,7 +141,7 @@ def check_every_sample_once_per_epoch_in_the_trainers_blocks(out: Path) -> None:
 
 def check_parameters_equal_one_process(out: Path) -> None:
     """After update 3 and at the end, the run's parameters are the reference's, in float64."""
-    expected = mlp_reference(TOTAL_UPDATES)
+    expected = mlp_reference(TOTAL_UPDATES)[0]
     for update, path in ((3, out / "params_update3.pt"), (TOTAL_UPDATES, out / "params_final.pt")):
         got = saved_parameters(path)
         assert got.keys() == expected[update - 1].keys()
@@ -114,3 +150,11 @@ def check_parameters_equal_one_process(out: Path) -> None:
     # The naive loss would have halved every update: the reference is not trivially met.
     start = dict(example_data.model(torch.float64).named_parameters())
     assert any((expected[2][k] - start[k]).abs().max() > 1e-3 for k in start)
+
+
+def check_noise_scale_equals_one_process(out: Path) -> None:
+    """The noise scale each rank logged after every update (2 ranks x 2 micro-batches of 8) is one process's
+    over the same 4 micro-batches, in float64."""
+    expected = mlp_reference(TOTAL_UPDATES)[1]
+    for rank in range(WORLD):
+        check_noise_scale([r["noise"] for r in read_updates(out, rank)], expected, rel=1e-9)

@@ -2,11 +2,11 @@
 
 The example `examples/accelerate_loop.py` runs in float64: the LR of every update on both ranks is the
 schedule's, each epoch uses every sample once in the blocks `goyal-train` gives each rank, and the
-parameters after 3 updates (and at the end) are those of one process stepping over the same
-micro-batches (tests/_reference.py). A run resumed from `save_state` mid-epoch ends with the losses and
-parameters of the uninterrupted one. Run as a script under the launcher, this module makes the
-mistakes of the issue one by one in a user's loop (each stops at the first update with the audit's
-line), then runs that resume in the same processes.
+parameters after 3 updates (and at the end) and the noise scale logged after every update are those of
+one process stepping over the same micro-batches (tests/_reference.py). A run resumed from `save_state`
+mid-epoch ends with the losses, noise scale and parameters of the uninterrupted one. Run as a script
+under the launcher (one launch), this module runs the example, makes the mistakes of the issue one by
+one in a user's loop (each stops at the first update with the audit's line), then runs that resume.
 """
 
 import json
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from _reference import (SCHEDULE, TOTAL_UPDATES, check_every_sample_once_per_epoch_in_the_trainers_blocks,
-                        check_lr_of_every_update, check_parameters_equal_one_process, example_data, read_updates,
-                        saved_parameters)
+                        check_lr_of_every_update, check_noise_scale_equals_one_process,
+                        check_parameters_equal_one_process, example_data, read_updates, saved_parameters)
 from goyal_recipe import EpochShuffleSampler, build_optimizer
 from goyal_recipe.errors import RecipeMismatch
 
@@ -44,15 +44,11 @@ def launch(args, tmp_path, script):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The uninterrupted run (checkpointing after update 6 on the way); then, in one launch, the user's
-    mistakes and the example resumed from that checkpoint."""
+    """One launch: the uninterrupted run (checkpointing after update 6 on the way), the user's mistakes,
+    and the example resumed from that checkpoint."""
     tmp = tmp_path_factory.mktemp("accelerate")
-    full, resumed, checkpoint = tmp / "full", tmp / "resumed", tmp / "checkpoint"
-    proc = launch(["--dtype", "float64", "--out", str(full), "--checkpoint-at", str(CHECKPOINT_AT),
-                   "--checkpoint", str(checkpoint)], tmp, REPO / "examples" / "accelerate_loop.py")
-    launch(["--mistakes", str(tmp), "--dtype", "float64", "--out", str(resumed), "--resume", str(checkpoint)], tmp,
-           Path(__file__))
-    return full, resumed, proc.stdout, tmp
+    proc = launch([str(tmp)], tmp, Path(__file__))
+    return tmp / "full", tmp / "resumed", proc.stdout, tmp
 
 
 def test_lr_of_every_update_on_every_rank_is_the_schedule(runs):
@@ -69,13 +65,19 @@ def test_parameters_equal_one_process_over_the_same_micro_batches(runs):
     check_parameters_equal_one_process(runs[0])
 
 
+def test_noise_scale_equals_one_process_over_the_same_micro_batches(runs):
+    check_noise_scale_equals_one_process(runs[0])
+
+
 def test_save_state_mid_epoch_then_load_state_continues_exactly(runs):
     full, resumed, _, _ = runs
     for rank in range(WORLD):
         after = [r for r in read_updates(full, rank) if r["update"] >= CHECKPOINT_AT]
         again = read_updates(resumed, rank)
         assert [r["update"] for r in again] == list(range(CHECKPOINT_AT, TOTAL_UPDATES))
-        assert [(r["lr"], r["loss"], r["indices"]) for r in again] == [(r["lr"], r["loss"], r["indices"]) for r in after]
+        # The noise scale's averages come back with the recipe's state and go on as they would have.
+        assert [(r["lr"], r["loss"], r["indices"], r["noise"]) for r in again] == [
+            (r["lr"], r["loss"], r["indices"], r["noise"]) for r in after]
     uninterrupted = saved_parameters(full / "params_final.pt")
     continued = saved_parameters(resumed / "params_final.pt")
     assert all(torch.equal(uninterrupted[k], continued[k]) for k in uninterrupted)
@@ -172,7 +174,10 @@ def test_mistakes_stop_at_first_update(runs):
     assert "each sample's gradient carries 2 x 1/kn" in results["plain_backward"]["error"]
 
 
-if __name__ == "__main__":  # --mistakes DIR, then the example's own arguments (it ends the process group)
-    flag = sys.argv.index("--mistakes")
-    _run_mistakes(Path(sys.argv[flag + 1]))
-    example.main(sys.argv[1:flag] + sys.argv[flag + 2:])
+if __name__ == "__main__":  # DIR: the example, the mistakes, the resumed example, in the same processes
+    out = Path(sys.argv[1])
+    example.main(["--dtype", "float64", "--out", str(out / "full"), "--checkpoint-at", str(CHECKPOINT_AT),
+                  "--checkpoint", str(out / "checkpoint")])
+    _run_mistakes(out)
+    example.main(["--dtype", "float64", "--out", str(out / "resumed"), "--resume", str(out / "checkpoint")]
+                 ).end_training()

@@ -2,10 +2,11 @@
 
 The example `examples/ddp_loop.py` runs in float64: the LR of every update on both ranks is the
 schedule's, each epoch uses every sample once in `goyal-train`'s blocks, and the parameters after 3
-updates (and at the end) are those of one process over the same micro-batches (tests/_reference.py).
-Run as a script under torchrun, this module resumes a loop from `recipe.state_dict()` mid-epoch (it
-must continue exactly) and makes a DDP user's mistakes; each stops at the first update (or the first
-of the next epoch) with the audit's line.
+updates (and at the end) and the noise scale logged after every update are those of one process over
+the same micro-batches (tests/_reference.py). Run as a script under torchrun (one launch), this module
+runs the example, then resumes a loop from `recipe.state_dict()` mid-epoch (it must continue exactly)
+and makes a DDP user's mistakes; each stops at the first update (or the first of the next epoch) with
+the audit's line.
 """
 
 import json
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from _reference import (SCHEDULE, UPDATES_PER_EPOCH, check_every_sample_once_per_epoch_in_the_trainers_blocks,
-                        check_lr_of_every_update, check_parameters_equal_one_process, example_data)
+                        check_lr_of_every_update, check_noise_scale_equals_one_process,
+                        check_parameters_equal_one_process, example_data)
 from goyal_recipe import EpochShuffleSampler, build_optimizer
 from goyal_recipe.errors import RecipeMismatch
 
@@ -38,10 +40,9 @@ def torchrun(args, tmp_path, script):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The example in float64; then, in a second launch, the resume and the mistakes below."""
+    """One launch: the example in float64, then the resume and the mistakes below."""
     tmp = tmp_path_factory.mktemp("ddp")
-    proc = torchrun(["--dtype", "float64", "--out", str(tmp / "out")], tmp, REPO / "examples" / "ddp_loop.py")
-    torchrun(["--scenarios", str(tmp)], tmp, Path(__file__))
+    proc = torchrun(["--scenarios", str(tmp)], tmp, Path(__file__))
     return tmp / "out", proc.stdout, tmp
 
 
@@ -57,6 +58,10 @@ def test_every_sample_once_per_epoch_in_the_trainers_blocks(run):
 
 def test_parameters_equal_one_process_over_the_same_micro_batches(run):
     check_parameters_equal_one_process(run[0])
+
+
+def test_noise_scale_equals_one_process_over_the_same_micro_batches(run):
+    check_noise_scale_equals_one_process(run[0])
 
 
 def one_process_recipe(**overrides):
@@ -112,7 +117,8 @@ def _loop(name=None, *, state=None, stop_after=None):
     from goyal_recipe.integrations.ddp import DDPRecipe
 
     data = example_data.dataset(torch.float64)
-    recipe = DDPRecipe(SCHEDULE, num_samples=len(data), per_device_batch_size=8, bn_group_size=8)
+    recipe = DDPRecipe(SCHEDULE, num_samples=len(data), per_device_batch_size=8, bn_group_size=8,
+                       noise_scale_every_updates=2)
     net = DistributedDataParallel(example_data.model(torch.float64), broadcast_buffers=False)
     optimizer = build_optimizer(net, weight_decay=1e-4)
     scheduler = recipe.make_scheduler(optimizer)
@@ -150,6 +156,7 @@ def _loop(name=None, *, state=None, stop_after=None):
     except RecipeMismatch as exc:
         error = str(exc)
     return {"name": name, "error": error, "updates": recipe.updates_done - start, "losses": losses,
+            "noise": recipe.noise_scale.state_dict(),
             "unchanged": all(torch.equal(before[k], v) for k, v in net.named_parameters()),
             "params": {k: v.tolist() for k, v in net.module.named_parameters()}}
 
@@ -157,19 +164,18 @@ def _loop(name=None, *, state=None, stop_after=None):
 def _run_resume_and_mistakes(out: Path) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
     results = {}
     full = _loop()
     saved = _loop(stop_after=6)  # mid-epoch 1
     resumed = _loop(state=saved)
     results["resume"] = {"full_losses": full["losses"][12:], "resumed_losses": resumed["losses"],
                          "equal": full["params"] == resumed["params"], "updates": resumed["updates"],
+                         "noise": (full["noise"], resumed["noise"]),
                          "error": resumed["error"]}
     for name in MISTAKES:
         results[name] = _loop(name, state=saved if name == "scheduler_only_resume" else None)
         results[name].pop("params")
     (out / f"results_rank{dist.get_rank()}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
 
 
 def test_resume_and_mistakes(run):
@@ -179,6 +185,9 @@ def test_resume_and_mistakes(run):
         # Updates 6..11 of the uninterrupted loop (2 micro-batches each): same losses, same final parameters.
         assert resume["error"] is None and resume["updates"] == 6
         assert resume["resumed_losses"] == resume["full_losses"] and resume["equal"]
+        # The noise scale measured on every 2nd update: its averages saved mid-epoch go on exactly.
+        full_noise, resumed_noise = resume["noise"]
+        assert full_noise == resumed_noise and full_noise["tracker"]["updates"] == 6
         for name, code in MISTAKES.items():
             r = results[name]
             assert r["error"] is not None and r["error"].startswith(f"{code}: "), (name, r["error"])
@@ -189,5 +198,13 @@ def test_resume_and_mistakes(run):
                 assert r["updates"] == 0 and r["unchanged"], (name, r)
 
 
-if __name__ == "__main__":
-    _run_resume_and_mistakes(Path(sys.argv[sys.argv.index("--scenarios") + 1]))
+if __name__ == "__main__":  # --scenarios DIR: the example's loop, then the scenarios, in one process group
+    import torch.distributed as dist
+
+    import ddp_loop as example  # examples/, on the path through _reference
+
+    out = Path(sys.argv[sys.argv.index("--scenarios") + 1])
+    dist.init_process_group("gloo")
+    example.train(torch.float64, out / "out")
+    _run_resume_and_mistakes(out)
+    dist.destroy_process_group()

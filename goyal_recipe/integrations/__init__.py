@@ -19,6 +19,11 @@ the paper's update needs and that a loop otherwise keeps apart:
 `loss()` normalises per-sample losses so that the update's gradient is the mean over kn (Remark 3)
 given what the engine itself divides by, and reports it to the `FirstUpdateCheck` that `watch()`
 installs: the audit runs at the first real update and refuses a silent departure.
+
+With `noise_scale_every_updates`, `watch()` also attaches a `LoopNoiseScale` (`self.noise_scale`): the
+gradient noise scale B_simple of McCandlish et al. 2018 from the micro-batch gradients before the
+all-reduce and the update's after it, no extra pass; `fields()` gives what to log, and `state_dict()`
+carries its averages.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import math
 
 import torch
 
-from ..audit import Finding, audit, loader_parts
+from ..audit import Finding, audit, loader_parts, unwrap_model
 from ..errors import UserError
 from ..first_update import FirstUpdateCheck, record_loss
 from ..lr import GoyalLR
+from ..noise_scale import LoopNoiseScale
 from ..sampler import EpochShuffleSampler
 from ..schedule import Schedule
 
@@ -65,6 +71,7 @@ class LoopRecipe:
     framework's loader sharding splits (accelerate's `prepare`). Either way rank r's micro-batches are
     the same blocks of the epoch's permutation as `goyal-train`'s. `bn_group_size`: the BN batch the
     audit expects (None: not checked). `allow`: audit codes accepted on purpose.
+    `noise_scale_every_updates`: measure the gradient noise scale on every N-th update (None: off).
     """
 
     fix_loss = "use recipe.loss(per_sample_loss)"
@@ -72,7 +79,7 @@ class LoopRecipe:
 
     def __init__(self, schedule: Schedule, *, num_samples: int, per_device_batch_size: int, world_size: int,
                  rank: int, split_in_sampler: bool, seed: int = 0, bn_group_size: int | None = 32,
-                 allow: tuple[str, ...] = ()):
+                 allow: tuple[str, ...] = (), noise_scale_every_updates: int | None = None):
         if not isinstance(schedule, Schedule):
             raise UserError(f"schedule must be a goyal_recipe.Schedule, got {type(schedule).__name__}")
         kn, n = schedule.global_batch_size, int(per_device_batch_size)
@@ -96,6 +103,9 @@ class LoopRecipe:
                                      accumulation_steps=kn // (n * replicas))
         self.scheduler: GoyalLR | None = None
         self.check: FirstUpdateCheck | None = None
+        self.noise_scale_every_updates = noise_scale_every_updates
+        self.noise_scale: LoopNoiseScale | None = None
+        self._noise_state: dict | None = None
 
     # --- the LR and the position
     def make_scheduler(self, optimizer) -> GoyalLR:
@@ -135,7 +145,8 @@ class LoopRecipe:
     def state_dict(self) -> dict:
         return {"global_batch_size": self.global_batch_size, "updates_per_epoch": self.updates_per_epoch,
                 "seed": self.sampler.seed,
-                "scheduler": None if self.scheduler is None else self.scheduler.state_dict()}
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "noise_scale": None if self.noise_scale is None else self.noise_scale.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the LR position and put the data at the same place (load the optimizer's state first)."""
@@ -148,6 +159,9 @@ class LoopRecipe:
             raise UserError("make the scheduler (recipe.make_scheduler or prepare) before loading the recipe's state")
         if state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self._noise_state = state.get("noise_scale")  # for the meter `watch` attaches, if not yet there
+        if self.noise_scale is not None and self._noise_state is not None:
+            self.noise_scale.load_state_dict(self._noise_state)
         epoch, start = self.position()
         self.sampler._resume = (epoch, start)
         self.sampler.set_epoch(epoch)
@@ -196,4 +210,17 @@ class LoopRecipe:
             static=lambda: self.findings(model, optimizer, loader, scheduler, checkpointed, grad_clip_norm),
             scheduler=scheduler if scheduler is not None else self.scheduler, sampler=sampler, allow=self.allow,
             fix_loss=self.fix_loss, on_remove=on_remove)
+        if self.noise_scale_every_updates is not None:
+            if self.noise_scale is not None:
+                self.noise_scale.remove()
+            self.noise_scale = LoopNoiseScale(
+                unwrap_model(model).parameters(), micro_batch_size=self.per_device_batch_size,
+                global_batch_size=self.global_batch_size, world_size=self.world_size,
+                every_updates=self.noise_scale_every_updates, grad_scaler=self._grad_scaler()).attach(optimizer)
+            if self._noise_state is not None:
+                self.noise_scale.load_state_dict(self._noise_state)
         return self.check
+
+    def _grad_scaler(self):
+        """The loop's gradient scaler (fp16), whose scale the micro-batch gradients carry; None without one."""
+        return None

@@ -50,6 +50,7 @@ class AccelerateRecipe(LoopRecipe):
     Registers itself with `accelerator.register_for_checkpointing`: `save_state`/`load_state` keep the
     LR and data position. `bn_group_size` is the BN batch the audit expects (per-device micro-batch
     with plain BN, the group with ghost BN; None: unchecked); `allow` accepts audit codes on purpose.
+    `noise_scale_every_updates`: measure the gradient noise scale on every N-th update (`self.noise_scale`).
     """
 
     fix_loss = ("use recipe.loss(per_sample_loss): accelerator.backward already divides by "
@@ -57,14 +58,16 @@ class AccelerateRecipe(LoopRecipe):
     fix_loader = "give the loader recipe.sampler (one stream) and let accelerator.prepare shard it"
 
     def __init__(self, accelerator: Accelerator, schedule: Schedule, *, num_samples: int, per_device_batch_size: int,
-                 seed: int = 0, bn_group_size: int | None = 32, allow: tuple[str, ...] = ()):
+                 seed: int = 0, bn_group_size: int | None = 32, allow: tuple[str, ...] = (),
+                 noise_scale_every_updates: int | None = None):
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != accelerator.num_processes:
             raise UserError(f"the launcher started {launched} processes but accelerate joined "
                             f"{accelerator.num_processes}; on a CPU set ACCELERATE_USE_CPU=1")
         super().__init__(schedule, num_samples=num_samples, per_device_batch_size=per_device_batch_size,
                          world_size=accelerator.num_processes, rank=accelerator.process_index,
-                         split_in_sampler=False, seed=seed, bn_group_size=bn_group_size, allow=allow)
+                         split_in_sampler=False, seed=seed, bn_group_size=bn_group_size, allow=allow,
+                         noise_scale_every_updates=noise_scale_every_updates)
         steps = accelerator.gradient_accumulation_steps
         if steps not in (1, self.accumulation_steps):
             raise UserError(
@@ -108,6 +111,9 @@ class AccelerateRecipe(LoopRecipe):
             checkpointed = [*getattr(accelerator, "_schedulers", []), *getattr(accelerator, "_custom_objects", [])]
         return super().watch(model, optimizer, loader, scheduler, checkpointed=checkpointed,
                              grad_clip_norm=grad_clip_norm, on_remove=restore)
+
+    def _grad_scaler(self):
+        return self.accelerator.scaler
 
     def _watched(self, method, record):
         def watched(*args, **kwargs):

@@ -44,13 +44,16 @@ class DDPRecipe(LoopRecipe):
 
     The world size and rank are the process group's (one process without one). `bn_group_size` is
     the BN batch the audit expects (None: unchecked); `allow` accepts audit codes on purpose.
+    `noise_scale_every_updates`: measure the gradient noise scale on every N-th update (`self.noise_scale`,
+    attached by `watch`).
     """
 
     fix_loss = "use recipe.loss(per_sample_loss) (DDP averages over the processes; nothing divides by the accumulation)"
     fix_loader = "give the loader recipe.sampler, which splits the data over the ranks once"
 
     def __init__(self, schedule: Schedule, *, num_samples: int, per_device_batch_size: int, seed: int = 0,
-                 bn_group_size: int | None = 32, allow: tuple[str, ...] = ()):
+                 bn_group_size: int | None = 32, allow: tuple[str, ...] = (),
+                 noise_scale_every_updates: int | None = None):
         joined = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if joined else (1, 0)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,7 +62,8 @@ class DDPRecipe(LoopRecipe):
                             "call torch.distributed.init_process_group() before building the recipe")
         super().__init__(schedule, num_samples=num_samples, per_device_batch_size=per_device_batch_size,
                          world_size=world, rank=rank, split_in_sampler=True, seed=seed,
-                         bn_group_size=bn_group_size, allow=allow)
+                         bn_group_size=bn_group_size, allow=allow,
+                         noise_scale_every_updates=noise_scale_every_updates)
         self.sync_gradients = True
         self._micro_batch = 0  # within the current update
 
