@@ -71,6 +71,9 @@ OVERRIDES = [
     ("NaN", ["data.crop_min_area=.nan"], "data.crop_min_area must be a finite number"),
     ("duplicate key in an override", ["model.kwargs={drop_rate: 0.1, drop_rate: 0.2}"],
      "key 'drop_rate' is given twice in one mapping (override model.kwargs="),
+    ("test hook moved to the debug section", ["run.inject_nonfinite_updates=[3]"],
+     "unknown key run.inject_nonfinite_updates; it is now debug.inject_nonfinite_updates"),
+    ("unknown debug key", ["debug.log_sample=true"], "unknown key debug.log_sample; did you mean debug.log_samples?"),
     ("override without =", ["optim.warmup"], "override 'optim.warmup' is not key=value"),
     ("override with an empty key", ["=3"], "override '=3' is not key=value"),
     # These pass config loading and fail in the trainer, before it writes anything.

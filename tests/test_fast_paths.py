@@ -1,7 +1,9 @@
-"""The speed switches change speed only: model.channels_last and model.compile train the same run."""
+"""The speed switches change speed only: model.channels_last and model.compile train the same run (the eager run
+and channels_last in this process, engine=local; compile as its own process under accelerate)."""
 
 import pytest
 
+from _loop import run_local
 from _runs import overrides, step_losses, train
 
 UPDATES = 3
@@ -13,14 +15,12 @@ REL = 1e-4
 
 @pytest.fixture(scope="module")
 def eager(data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eager")
-    train(overrides(data_root, out, "eager", **{"run.max_updates": UPDATES}))
-    return step_losses(out / "eager")
+    return step_losses(run_local(data_root, tmp_path_factory.mktemp("eager"), "eager", **{"run.max_updates": UPDATES}))
 
 
 def test_channels_last_changes_speed_only(eager, data_root, tmp_path):
-    train(overrides(data_root, tmp_path, "cl", **{"run.max_updates": UPDATES, "model.channels_last": "true"}))
-    losses = step_losses(tmp_path / "cl")
+    losses = step_losses(run_local(data_root, tmp_path, "cl", **{"run.max_updates": UPDATES,
+                                                                 "model.channels_last": "true"}))
     assert sorted(losses) == list(range(1, UPDATES + 1))
     assert losses == pytest.approx(eager, rel=REL)
 
