@@ -8,6 +8,7 @@ What the recipe changes in DeepSpeed's defaults: no gradient clipping (DeepSpeed
 division of the kn-normalised loss by the accumulation steps (`scale_wrt_gas=False`), the recipe's
 SGD as a client optimizer (`zero_allow_untested_optimizer`, exact for SGD under ZeRO-1), GoyalLR
 instead of a ds_config scheduler, and one EpochShuffleSampler per rank instead of DeepSpeed's loader.
+Each update also measures the gradient noise scale B_simple (`measure_noise_scale`), printed per epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from goyal_recipe import EpochShuffleSampler, build_optimizer, use_ghost_batchno
 from goyal_recipe.errors import UserError
 from goyal_recipe.integrations import deepspeed as goyal_ds
 
-from example_data import generated_images, image_schedule, write_record  # beside this file
+from example_data import generated_images, image_schedule, save_weights, write_record  # beside this file
 
 
 def make_model(num_classes: int = 4, bn_group_size: int = 4, seed: int = 0) -> torch.nn.Module:
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zero-stage", type=int, default=0, choices=goyal_ds.ZERO_STAGES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-updates", type=int, help="stop after this many updates")
-    parser.add_argument("--record", type=Path, help="write each rank's LRs and sample indices, and the final weights")
+    parser.add_argument("--record", type=Path,
+                        help="write each rank's LRs, sample indices and noise scale, and the final weights")
+    parser.add_argument("--weights-at", type=int, nargs="*", default=[],
+                        help="with --record, also the weights after these updates (model_update<U>.safetensors)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
     kn, n = args.global_batch_size, args.per_device_batch_size
@@ -64,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         model, build_optimizer(model, "sgd", nesterov=True, weight_decay=1e-4),  # no decay on BN
         schedule=image_schedule(kn, args.epochs), updates_per_epoch=len(dataset) // kn, per_device_batch_size=n,
         zero_stage=args.zero_stage, sampler=sampler, bn_group_size=4)
+    noise = goyal_ds.measure_noise_scale(engine)  # every update, from the gradients the loop already has
 
-    lrs, updates, indices = [], [], []
+    lrs, updates, indices, noise_fields = [], [], [], []
     for epoch in range(args.epochs):
         if len(lrs) == args.max_updates:
             break
@@ -79,13 +84,17 @@ def main(argv: list[str] | None = None) -> None:
                 lrs.append(scheduler.get_last_lr()[0])
                 updates.append(indices)
                 indices = []
+                noise_fields.append(noise.fields())
+                if args.record and rank == 0 and len(lrs) in args.weights_at:
+                    save_weights(args.record / f"model_update{len(lrs)}.safetensors", engine.module.state_dict())
                 if len(lrs) == args.max_updates:
                     break
         if rank == 0:
-            print(f"epoch {epoch}: {scheduler.updates_done} updates, lr {lrs[-1]:.4f}", flush=True)
+            print(f"epoch {epoch}: {scheduler.updates_done} updates, lr {lrs[-1]:.4f}, "
+                  f"noise scale {noise_fields[-1]['noise_scale']}", flush=True)
 
     if args.record:
-        write_record(args.record, rank, {"world_size": world, "lr": lrs, "indices": updates},
+        write_record(args.record, rank, {"world_size": world, "lr": lrs, "indices": updates, "noise": noise_fields},
                      engine.module.state_dict() if rank == 0 else None)
     torch.distributed.barrier()
 

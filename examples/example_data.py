@@ -5,7 +5,7 @@
 - `generated_images`, `image_schedule`: 96 random 16 px images whose class shifts one colour
   channel's mean (deepspeed_loop.py, trainer_loop.py, each with its framework's timm ResNet-10):
   at kn = 32, 2 epochs of 3 updates.
-- `write_record`: what `--record DIR` writes for the tests to compare with one process.
+- `write_record`, `save_weights`: what `--record DIR` writes for the tests to compare with one process.
 """
 
 from __future__ import annotations
@@ -63,4 +63,9 @@ def write_record(directory: Path, rank: int, record: dict, state_dict: dict | No
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"rank{rank}.json").write_text(json.dumps(record))
     if state_dict is not None:
-        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(directory / "model.safetensors"))
+        save_weights(directory / "model.safetensors", state_dict)
+
+
+def save_weights(path: Path, state_dict: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path))

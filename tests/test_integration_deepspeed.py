@@ -2,12 +2,14 @@
 
 One launch of this file under the `deepspeed` launcher (2 CPU processes, kn = 32 = 8 x 2 x 2
 accumulation steps) runs `examples/deepspeed_loop.py` on ZeRO-0 and ZeRO-1, then the mistakes a
-DeepSpeed user makes with the recipe; the tests read what each rank recorded.
+DeepSpeed user makes with the recipe; the tests read what each rank recorded: the LR, the samples,
+the weights and the noise scale of each update against one process over the same micro-batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("deepspeed")
 
-from _reference import example_data, reference_parameters, reference_updates  # noqa: E402
+from _reference import check_noise_scale, example_data, reference_run, reference_updates  # noqa: E402
 from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer, global_batch_loss  # noqa: E402
 from goyal_recipe.errors import RecipeMismatch, UserError  # noqa: E402
 from goyal_recipe.integrations import deepspeed as goyal_ds  # noqa: E402
@@ -64,10 +66,8 @@ def _mistake(name: str, out: Path, run) -> None:
 def worker(out: Path) -> None:
     import deepspeed
 
-    example.main(["--record", str(out / "zero0")])
-    for updates in (1, 3):
-        example.main(["--record", str(out / f"zero0_{updates}"), "--max-updates", str(updates)])
-        example.main(["--record", str(out / f"zero1_{updates}"), "--max-updates", str(updates), "--zero-stage", "1"])
+    example.main(["--record", str(out / "zero0"), "--weights-at", "1", "3"])
+    example.main(["--record", str(out / "zero1"), "--max-updates", "3", "--zero-stage", "1", "--weights-at", "1"])
 
     pixels, labels = example_data.generated_images()
     dataset = torch.utils.data.TensorDataset(pixels, labels, torch.arange(SAMPLES))
@@ -157,8 +157,11 @@ def _ranks(run_dir: Path) -> list[dict]:
     return [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 
-def _reference_parameters(updates: int) -> dict[str, torch.Tensor]:
-    """1 process, the same micro-batches in turn, the recipe's optimizer and GoyalLR: the paper's update."""
+@functools.cache
+def _reference() -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    """1 process, the same micro-batches in turn, the recipe's optimizer and GoyalLR: the paper's update.
+    The parameters and the noise scale after each of the example's updates."""
+    updates = EPOCHS * UPDATES_PER_EPOCH
     pixels, labels = example_data.generated_images()
     model = example.make_model()
     model.train()
@@ -168,10 +171,10 @@ def _reference_parameters(updates: int) -> dict[str, torch.Tensor]:
     def loss_of(block):
         return global_batch_loss(F.cross_entropy(model(pixels[block]), labels[block], reduction="none"), KN)
 
-    return reference_parameters(model, optimizer, scheduler, reference_updates(SAMPLES, KN, N, updates), loss_of)[-1]
+    return reference_run(model, optimizer, scheduler, reference_updates(SAMPLES, KN, N, updates), loss_of, KN)
 
 
-@pytest.mark.parametrize("run,updates", [("zero0", EPOCHS * UPDATES_PER_EPOCH), ("zero1_3", 3)])
+@pytest.mark.parametrize("run,updates", [("zero0", EPOCHS * UPDATES_PER_EPOCH), ("zero1", 3)])
 def test_example_lr_and_data_on_every_rank(ds_runs, run, updates):
     schedule = example_data.image_schedule(KN, EPOCHS)
     expected_lr = [schedule.lr(t / UPDATES_PER_EPOCH) for t in range(updates)]
@@ -193,18 +196,30 @@ def test_example_lr_and_data_on_every_rank(ds_runs, run, updates):
 # After the first update the weights agree to float32 rounding (~1e-7 here); the two updates after it
 # amplify those differences ~300x in this small network with BN groups of 4, so 3 updates get a
 # wider bound, still ~1000x below what a wrong loss scale or clipping moves the weights.
-@pytest.mark.parametrize("run,updates,rtol,atol", [("zero0_1", 1, 1e-5, 1e-6), ("zero1_1", 1, 1e-5, 1e-6),
-                                                   ("zero0_3", 3, 1e-3, 2e-4), ("zero1_3", 3, 1e-3, 2e-4)])
-def test_example_parameters_equal_one_process_reference(ds_runs, run, updates, rtol, atol):
+@pytest.mark.parametrize("run,weights,updates,rtol,atol", [
+    ("zero0", "model_update1", 1, 1e-5, 1e-6), ("zero1", "model_update1", 1, 1e-5, 1e-6),
+    ("zero0", "model_update3", 3, 1e-3, 2e-4), ("zero1", "model", 3, 1e-3, 2e-4)])
+def test_example_parameters_equal_one_process_reference(ds_runs, run, weights, updates, rtol, atol):
     from safetensors.torch import load_file
 
-    trained = load_file(ds_runs / run / "model.safetensors")
-    reference = _reference_parameters(updates)
+    trained = load_file(ds_runs / run / f"{weights}.safetensors")
+    reference = _reference()[0][updates - 1]
     initial = dict(example.make_model().named_parameters())
     assert sum(not torch.equal(value, initial[name]) for name, value in reference.items()) > len(reference) // 2
     assert set(reference) <= set(trained)
     for name, value in reference.items():
         torch.testing.assert_close(trained[name], value, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("run,updates", [("zero0", EPOCHS * UPDATES_PER_EPOCH), ("zero1", 3)])
+def test_example_noise_scale_equals_one_process_reference(ds_runs, run, updates):
+    """2 ranks x 2 micro-batches of 8 give the noise scale of 1 process over the same 4 micro-batches: ZeRO-0
+    from .grad, ZeRO-1 from the norm DeepSpeed computes over its partitions. float32: the first update to
+    rounding, later ones within what the weights' own float32 drift moves them."""
+    expected = _reference()[1][:updates]
+    for record in _ranks(ds_runs / run):
+        check_noise_scale(record["noise"][:1], expected[:1], rel=1e-4)
+        check_noise_scale(record["noise"], expected, rel=1e-2)
 
 
 @pytest.mark.parametrize("name,message", [

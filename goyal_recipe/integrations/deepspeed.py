@@ -16,6 +16,8 @@ Three of DeepSpeed's defaults change the paper's update without a word:
     backward(engine, F.cross_entropy(engine(x), y, reduction="none")); engine.step()
 
 `initialize` does those three lines in one call, and checks a config of the user's own first.
+`measure_noise_scale(engine)` adds the gradient noise scale (McCandlish et al. 2018) of each update,
+from the micro-batch gradients before DeepSpeed's all-reduce and the update's after it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..errors import UserError
 from ..first_update import FirstUpdateCheck
 from ..loss import global_batch_loss
 from ..lr import GoyalLR
+from ..noise_scale import LoopNoiseScale
 from ..schedule import Schedule
 
 ZERO_STAGES = (0, 1)
@@ -251,3 +254,32 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sche
     scheduler = attach(engine, schedule, updates_per_epoch, sampler=sampler, grad_clip_norm=grad_clip_norm,
                        bn_group_size=bn_group_size, allow=allow)
     return engine, ds_optimizer, scheduler
+
+
+def measure_noise_scale(engine, *, every_updates: int = 1, ema_decay: float = 0.95) -> LoopNoiseScale:
+    """The gradient noise scale B_simple of the engine's updates, every `every_updates`-th update, at no
+    extra forward or backward: read `.fields()` to log it, save `.state_dict()` with the checkpoint.
+
+    The micro-batch gradients are taken by hooks on the module's parameters before DeepSpeed accumulates
+    and all-reduces them. The update's reduced gradient is `.grad` before the optimizer steps under
+    ZeRO-0; ZeRO-1 moves it into its partitions, so its norm is the one the engine computes over them
+    in `step()` (`get_global_grad_norm`), read after the boundary step. The loss must be normalised by
+    kn with no division by the accumulation steps, as `backward` here does.
+    """
+    noise = LoopNoiseScale(engine.module.parameters(), micro_batch_size=engine.train_micro_batch_size_per_gpu(),
+                           global_batch_size=engine.train_batch_size(), world_size=engine.dp_world_size,
+                           every_updates=every_updates, ema_decay=ema_decay)
+    if not engine.zero_optimization():
+        return noise.attach(engine.optimizer)
+    original = engine.step
+
+    def step(*args, **kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()
+        result = original(*args, **kwargs)
+        if boundary:
+            norm = engine.get_global_grad_norm()
+            noise.measure(big_sq_norm=float("nan") if norm is None else norm ** 2)  # nan: not measured
+        return result
+
+    engine.step = step
+    return noise
