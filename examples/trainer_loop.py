@@ -6,7 +6,8 @@
 The model is a narrow timm ResNet-10 inside `TimmWrapperForImageClassification`, built from a timm
 config (no download); the data is generated in memory. `GoyalTrainer` sets the optimizer (no decay on
 BN), GoyalLR, the data order and the loss; the one TrainingArguments value the recipe needs changed is
-max_grad_norm=0 (Trainer clips at 1.0 by default, the paper does not clip).
+max_grad_norm=0 (Trainer clips at 1.0 by default, the paper does not clip). The gradient noise scale
+B_simple of every update is measured and logged with the loss (`noise_scale_every_updates=1`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TrainingArguments
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TrainerCallback, TrainingArguments
 
 from goyal_recipe.errors import UserError
 from goyal_recipe.integrations.transformers import GoyalTrainer
 
-from example_data import generated_images, image_schedule, write_record  # beside this file
+from example_data import generated_images, image_schedule, save_weights, write_record  # beside this file
+
+NOISE_KEYS = ("noise_scale", "noise_grad_sq", "noise_trace_sigma")
 
 
 class GeneratedImages(torch.utils.data.Dataset):
@@ -60,26 +63,50 @@ def build_trainer(output_dir: str | Path, *, trainer_class=GoyalTrainer, model=N
     kn = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     return trainer_class(model=make_model() if model is None else model, args=args,
                          train_dataset=GeneratedImages() if dataset is None else dataset,
-                         schedule=image_schedule(kn, int(args.num_train_epochs)), bn_group_size=4)
+                         schedule=image_schedule(kn, int(args.num_train_epochs)), bn_group_size=4,
+                         noise_scale_every_updates=1)
+
+
+def logged_noise(trainer: GoyalTrainer) -> list[dict]:
+    """The noise scale Trainer logged with each training loss (None where not resolved yet)."""
+    return [{k: entry.get(k) for k in NOISE_KEYS} for entry in trainer.state.log_history if "loss" in entry]
+
+
+class SaveWeightsAt(TrainerCallback):
+    """The weights after the given updates, from the main process, as `model_update<U>.safetensors`."""
+
+    def __init__(self, directory: Path, updates: list[int]):
+        self.directory, self.updates = directory, set(updates)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and state.global_step in self.updates:
+            save_weights(self.directory / f"model_update{state.global_step}.safetensors", model.state_dict())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/trainer_loop"))
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many updates")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument("--resume", nargs="?", const=True, default=None,
+                        help="continue from the newest checkpoint in --output-dir, or from the one given")
     parser.add_argument("--save-steps", type=int, help="save a checkpoint every this many updates")
-    parser.add_argument("--record", type=Path, help="write each rank's LRs and sample indices, and the final weights")
+    parser.add_argument("--record", type=Path,
+                        help="write each rank's LRs, sample indices and noise scale, and the final weights")
+    parser.add_argument("--weights-at", type=int, nargs="*", default=[],
+                        help="with --record, also the weights after these updates (model_update<U>.safetensors)")
     args = parser.parse_args(argv)
 
     saving = dict(save_strategy="steps", save_steps=args.save_steps) if args.save_steps else {}
     trainer = build_trainer(args.output_dir, max_steps=args.max_steps, **saving)
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    if args.record and args.weights_at:
+        trainer.add_callback(SaveWeightsAt(args.record, args.weights_at))
+    trainer.train(resume_from_checkpoint=args.resume)
 
     if args.record:
         lrs = [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry]
         write_record(args.record, trainer.args.process_index,
-                     {"world_size": trainer.args.world_size, "lr": lrs, "read": trainer.train_dataset.read},
+                     {"world_size": trainer.args.world_size, "lr": lrs, "read": trainer.train_dataset.read,
+                      "noise": logged_noise(trainer)},
                      trainer.model.state_dict() if trainer.is_world_process_zero() else None)
 
 

@@ -49,22 +49,32 @@ def reference_run(model, optimizer, scheduler, updates, loss_of, global_batch_si
     kn / n times each block's own gradient, and the squared norm of their mean, the update's `.grad`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     noise, states, fields = GradientNoiseScale(), [], []
-    for micro_batches in updates:
-        small = []
-        for block in micro_batches:
-            grads = torch.autograd.grad(loss_of(block), params)
-            small.append(sum(float(g.double().square().sum()) for g in grads) * (global_batch_size / len(block)) ** 2)
-            for p, g in zip(params, grads):
-                p.grad = g if p.grad is None else p.grad.add_(g)
-        big = sum(float(p.grad.double().square().sum()) for p in params)
-        noise.update(sum(small) / len(small), len(micro_batches[0]), big, global_batch_size)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        states.append({name: p.detach().clone() for name, p in model.named_parameters()})
-        fields.append({"noise_scale": noise.b_simple, "noise_grad_sq": noise.grad_sq,
-                       "noise_trace_sigma": noise.trace_sigma})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend with the other tests' processes
+    try:
+        for micro_batches in updates:
+            _reference_update(model, params, optimizer, scheduler, micro_batches, loss_of, global_batch_size, noise)
+            states.append({name: p.detach().clone() for name, p in model.named_parameters()})
+            fields.append({"noise_scale": noise.b_simple, "noise_grad_sq": noise.grad_sq,
+                           "noise_trace_sigma": noise.trace_sigma})
+    finally:
+        torch.set_num_threads(threads)
     return states, fields
+
+
+def _reference_update(model, params, optimizer, scheduler, micro_batches, loss_of, global_batch_size, noise):
+    """One update of `reference_run`: each block's own gradient (autograd.grad) accumulated into .grad."""
+    small = []
+    for block in micro_batches:
+        grads = torch.autograd.grad(loss_of(block), params)
+        small.append(sum(float(g.double().square().sum()) for g in grads) * (global_batch_size / len(block)) ** 2)
+        for p, g in zip(params, grads):
+            p.grad = g if p.grad is None else p.grad.add_(g)
+    big = sum(float(p.grad.double().square().sum()) for p in params)
+    noise.update(sum(small) / len(small), len(micro_batches[0]), big, global_batch_size)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
 
 
 def reference_parameters(model, optimizer, scheduler, updates, loss_of) -> list[dict[str, torch.Tensor]]:

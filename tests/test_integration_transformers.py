@@ -9,6 +9,7 @@ mistakes a Trainer user makes with the recipe; the tests read what each rank rec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from _reference import example_data, reference_parameters, reference_updates  # noqa: E402
+from _reference import check_noise_scale, example_data, reference_run, reference_updates  # noqa: E402
 from goyal_recipe import (EpochShuffleSampler, GoyalLR, build_optimizer, global_batch_loss,  # noqa: E402
                           use_ghost_batchnorm, zero_init_last_bn)
 from goyal_recipe.errors import RecipeMismatch, UserError  # noqa: E402
@@ -38,12 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def worker(out: Path) -> None:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from goyal_recipe.integrations.transformers import GoyalTrainer
 
-    example.main(["--output-dir", str(out / "example_run"), "--record", str(out / "example")])
-    example.main(["--output-dir", str(out / "example_run_1"), "--record", str(out / "example_1"), "--max-steps", "1"])
+    # The example, its weights after update 1, a checkpoint every 2 updates; resumed from the one after update 2.
+    example.main(["--output-dir", str(out / "example_run"), "--record", str(out / "example"), "--save-steps", "2",
+                  "--weights-at", "1"])
+    checkpoint_2 = str(out / "example_run" / "checkpoint-2")
+    example.main(["--output-dir", str(out / "resumed_run"), "--resume", checkpoint_2, "--record", str(out / "resumed")])
     rank = int(os.environ["RANK"])
 
     def save_weights(trainer, path):
@@ -57,16 +61,7 @@ def worker(out: Path) -> None:
                                     dataset=example.GeneratedImages(dtype=torch.float64), max_steps=3)
     trainer.train()
     save_weights(trainer, out / "float64_3.safetensors")
-
-    # Checkpoint after update 2 (inside epoch 0), stop, resume with Trainer's own mechanism.
-    class StopAfter(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 2
-
-    trainer = example.build_trainer(out / "resume_run", save_strategy="steps", save_steps=2)
-    trainer.add_callback(StopAfter())
-    trainer.train()
-    example.main(["--output-dir", str(out / "resume_run"), "--resume", "--record", str(out / "resumed")])
+    (out / f"float64_noise_rank{rank}.json").write_text(json.dumps(example.logged_noise(trainer)))
 
     def mistake(name, run, resume=None):
         try:
@@ -118,7 +113,7 @@ def worker(out: Path) -> None:
 
     # Trainer's resume without its batch skipping: the LR resumes at update 2, the data at the epoch's first sample.
     mistake("resume_ignoring_data_skip", lambda d: example.build_trainer(d, ignore_data_skip=True),
-            resume=str(out / "resume_run" / "checkpoint-2"))
+            resume=checkpoint_2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,8 +140,10 @@ def _expected_lr(updates: int) -> list[float]:
     return [schedule.lr(t / UPDATES_PER_EPOCH) for t in range(updates)]
 
 
-def _reference_parameters(updates: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """1 process, the same micro-batches in turn, the recipe's optimizer and GoyalLR: the paper's update."""
+@functools.cache
+def _reference(updates: int, dtype: torch.dtype = torch.float32) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    """1 process, the same micro-batches in turn, the recipe's optimizer and GoyalLR: the paper's update.
+    The parameters and the noise scale after each update."""
     pixels, labels = example_data.generated_images(dtype=dtype)
     model = example.make_model().to(dtype)
     zero_init_last_bn(model)
@@ -159,7 +156,11 @@ def _reference_parameters(updates: int, dtype: torch.dtype = torch.float32) -> d
         logits = model(pixel_values=pixels[block]).logits
         return global_batch_loss(F.cross_entropy(logits, labels[block], reduction="none"), KN)
 
-    return reference_parameters(model, optimizer, scheduler, reference_updates(SAMPLES, KN, N, updates), loss_of)[-1]
+    return reference_run(model, optimizer, scheduler, reference_updates(SAMPLES, KN, N, updates), loss_of, KN)
+
+
+def _reference_parameters(updates: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    return _reference(3, dtype)[0][updates - 1]
 
 
 def _assert_parameters_equal(trained: dict, reference: dict, rtol: float, atol: float) -> None:
@@ -188,9 +189,8 @@ def test_example_parameters_equal_one_process_reference(trainer_runs):
     network with BN groups of 4), and float64 after 3 updates."""
     from safetensors.torch import load_file
 
-    assert [r["lr"] for r in _ranks(trainer_runs / "example_1")] == [pytest.approx(_expected_lr(1), rel=1e-12)] * 2
-    _assert_parameters_equal(load_file(trainer_runs / "example_1" / "model.safetensors"), _reference_parameters(1),
-                             rtol=1e-5, atol=1e-6)
+    _assert_parameters_equal(load_file(trainer_runs / "example" / "model_update1.safetensors"),
+                             _reference_parameters(1), rtol=1e-5, atol=1e-6)
     _assert_parameters_equal(load_file(trainer_runs / "float64_3.safetensors"),
                              _reference_parameters(3, torch.float64), rtol=1e-10, atol=1e-12)
 
@@ -198,7 +198,7 @@ def test_example_parameters_equal_one_process_reference(trainer_runs):
 def test_resume_through_trainer_checkpoints_keeps_lr_and_data(trainer_runs):
     from safetensors.torch import load_file
 
-    checkpoint = trainer_runs / "resume_run" / "checkpoint-2"
+    checkpoint = trainer_runs / "example_run" / "checkpoint-2"
     assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["updates_done"] == 2
     uninterrupted, resumed = _ranks(trainer_runs / "example"), _ranks(trainer_runs / "resumed")
     for before, after in zip(uninterrupted, resumed):
@@ -208,6 +208,19 @@ def test_resume_through_trainer_checkpoints_keeps_lr_and_data(trainer_runs):
     other = load_file(trainer_runs / "resumed" / "model.safetensors")
     for name, value in reference.items():
         torch.testing.assert_close(other[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_example_noise_scale_equals_one_process_reference(trainer_runs):
+    """Trainer's logs carry the noise scale of 2 ranks x 2 micro-batches of 8, which is one process's over the
+    same 4 micro-batches: in float32 after the first update (later ones amplify the weights' rounding, as for
+    the parameters), in float64 to 1e-9 after each of 3."""
+    expected = _reference(3)[1]
+    for record in _ranks(trainer_runs / "example"):
+        assert len(record["noise"]) == EPOCHS * UPDATES_PER_EPOCH
+        check_noise_scale(record["noise"][:1], expected[:1], rel=1e-4)
+    expected = _reference(3, torch.float64)[1]
+    for rank in range(WORLD):
+        check_noise_scale(json.loads((trainer_runs / f"float64_noise_rank{rank}.json").read_text()), expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("name,message", [

@@ -19,6 +19,11 @@ What it changes in Trainer's defaults, and why:
 - Model: zero-gamma in the last BN of each residual block and ghost BN over `bn_group_size` samples, on a
   timm model or one inside `TimmWrapperForImageClassification`.
 
+- Noise scale (`noise_scale_every_updates`): the gradient noise scale B_simple of McCandlish et al.
+  2018 from the micro-batch gradients before the all-reduce and the update's after it, no extra pass,
+  added to Trainer's own training logs (`noise_scale`, `noise_grad_sq`, `noise_trace_sigma`; every
+  logger and `state.log_history` see them). Its averages start again after a resume.
+
 At the first update the recipe audit runs on what Trainer assembled (optimizer, scheduler, loader) and
 a silent departure stops the run with a one-line `RecipeMismatch`. Checkpoints are Trainer's own:
 `scheduler.pt` holds GoyalLR's update count, and resume repositions the data by Trainer's batch skipping
@@ -40,6 +45,7 @@ from ..errors import UserError
 from ..first_update import FirstUpdateCheck
 from ..loss import global_batch_loss
 from ..lr import GoyalLR
+from ..noise_scale import LoopNoiseScale
 from ..optim import build_optimizer
 from ..sampler import EpochShuffleSampler
 from ..schedule import Schedule
@@ -58,6 +64,7 @@ class GoyalTrainer(Trainer):
     `bn_group_size`: samples per BN statistics group (None keeps the model's BN). `zero_init_last`:
     gamma = 0 in each residual block's last BN. `grad_clip_norm`: clip on purpose (must equal
     `args.max_grad_norm`). `allow`: audit finding codes to report instead of refusing.
+    `noise_scale_every_updates`: measure the gradient noise scale on every N-th update and log it (None: off).
     """
 
     # compute_loss returns each micro-batch's share of the kn mean: Trainer must not divide it again.
@@ -65,7 +72,8 @@ class GoyalTrainer(Trainer):
 
     def __init__(self, model=None, args=None, *, schedule: Schedule | dict | None = None,
                  optimizer_kwargs: dict | None = None, bn_group_size: int | None = 32, zero_init_last: bool = True,
-                 grad_clip_norm: float | None = None, allow: tuple[str, ...] = (), **kwargs):
+                 grad_clip_norm: float | None = None, allow: tuple[str, ...] = (),
+                 noise_scale_every_updates: int | None = None, **kwargs):
         if model is not None:
             if zero_init_last:
                 zero_init_last_bn(model)
@@ -90,6 +98,11 @@ class GoyalTrainer(Trainer):
         self.recipe_sampler: EpochShuffleSampler | None = None
         self._recipe_loss: torch.Tensor | None = None
         self._loss_checked = False
+        self.noise_scale_every_updates = noise_scale_every_updates
+        self.noise_scale: LoopNoiseScale | None = None
+        if noise_scale_every_updates is not None and self.is_deepspeed_enabled:
+            raise UserError("GoyalTrainer measures the noise scale on Trainer's own DDP loop, not under DeepSpeed; "
+                            "drop noise_scale_every_updates, or use integrations.deepspeed.measure_noise_scale")
         self.add_callback(_RecipeAudit(self))
 
     def _resolve_schedule(self, schedule) -> Schedule:
@@ -157,6 +170,12 @@ class GoyalTrainer(Trainer):
             self._check_backward_loss(loss)
         return loss
 
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Trainer's log, with the noise scale's averages added to the training records."""
+        if self.noise_scale is not None and "loss" in logs:
+            logs = {**logs, **{k: v for k, v in self.noise_scale.fields().items() if v is not None}}
+        super().log(logs, *args, **kwargs)
+
     def _check_backward_loss(self, loss: torch.Tensor) -> None:
         """The loss Trainer back-propagated must be compute_loss's, unscaled (Trainer versions differ here)."""
         if self._recipe_loss is None:
@@ -193,6 +212,13 @@ class _RecipeAudit(TrainerCallback):
         # unless ignore_data_skip), past the sampler's offset 0, in the one stream its sharding splits.
         skipped_batches = 0 if args.ignore_data_skip else (
             state.global_step % (len(train_dataloader) // steps) * steps)
+        if trainer.noise_scale_every_updates is not None:
+            if trainer.noise_scale is not None:
+                trainer.noise_scale.remove()
+            trainer.noise_scale = LoopNoiseScale(
+                model.parameters(), micro_batch_size=n, global_batch_size=kn, world_size=world,
+                every_updates=trainer.noise_scale_every_updates,
+                grad_scaler=trainer.accelerator.scaler).attach(optimizer)
         FirstUpdateCheck(optimizer, global_batch_size=kn, world_size=world, grad_reduction="mean", static=static,
                          scheduler=lr_scheduler, sampler=trainer.recipe_sampler,
                          data_skipped=skipped_batches * n * world, allow=trainer.allow,
