@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from _loop import run_local
 from _runs import EPOCHS, RECIPE, UPDATES_PER_EPOCH, overrides, records, train
 from goyal_recipe import GradientNoiseScale, Schedule, noise_scale_estimates
 from goyal_recipe.config import BatchPlan, load_config
@@ -143,16 +144,40 @@ def assert_same_noise(run_dir, reference, updates=None):
 
 @pytest.fixture(scope="module")
 def noise_runs(data_root, tmp_path_factory):
-    """The same 64 images per epoch as 1 process x 2 micro-batches of 8 (TensorBoard, plots), 2 processes x 8,
-    and DeepSpeed ZeRO-1 as 1 process x 2 micro-batches, measuring every 2nd of 3 updates (SGD: ZeRO-1 refuses
-    LARS). ZeRO-1 reads the reduced gradient's norm from DeepSpeed; ZeRO-0 reads .grad as accelerate does
-    (2 processes: the slow case)."""
+    """The same 64 images per epoch as 1 process x 2 micro-batches of 8 (engine=local, in this process:
+    TensorBoard, plots), 2 processes x 8, and DeepSpeed ZeRO-1 as 1 process x 2 micro-batches, measuring every
+    2nd of 3 updates (SGD: ZeRO-1 refuses LARS). ZeRO-1 reads the reduced gradient's norm from DeepSpeed;
+    ZeRO-0 reads .grad as accelerate does (2 processes: the slow case)."""
     out = tmp_path_factory.mktemp("noise_runs")
-    one = train(overrides(data_root, out, "one", **LARS, **{"run.trackers": "[tensorboard]", "run.plots": "true"}))
+    with _logged() as lines:
+        run_local(data_root, out, "one", **LARS, **{"run.trackers": "[tensorboard]", "run.plots": "true"})
     train(overrides(data_root, out, "two", **LARS), launcher="accelerate")
     zero1 = {"engine": "deepspeed", "deepspeed.zero_stage": 1, "run.max_updates": 3, "run.noise_scale_every_updates": 2}
     train(overrides(data_root, out, "zero1", **zero1))
-    return out, one.stdout
+    return out, "\n".join(lines)
+
+
+class _logged:
+    """What an in-process run prints and logs (a launched run's stdout and stderr), as lines."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        import logging
+
+        self.lines, self.logger = [], logging.getLogger("goyal_recipe")
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+        self.logger.addHandler(self.handler)
+        self.stdout = io.StringIO()
+        self.redirect = contextlib.redirect_stdout(self.stdout)
+        self.redirect.__enter__()
+        return self.lines
+
+    def __exit__(self, *exc):
+        self.redirect.__exit__(*exc)
+        self.logger.removeHandler(self.handler)
+        self.lines += self.stdout.getvalue().splitlines()
 
 
 def test_same_images_same_noise_scale_on_every_split(noise_runs):
@@ -179,18 +204,20 @@ def test_same_images_same_noise_scale_on_every_split(noise_runs):
 
 def test_resume_continues_the_noise_tracker(noise_runs, data_root, tmp_path):
     out, _ = noise_runs
-    train(overrides(data_root, tmp_path, "one", **{**LARS, "run.max_updates": 2, "run.resume": "auto"}))
-    proc = train(overrides(data_root, tmp_path, "one", **{**LARS, "run.resume": "auto"}))
-    assert "at update 2" in proc.stdout
+    run_local(data_root, tmp_path, "one", **{**LARS, "run.max_updates": 2, "run.resume": "auto"})
+    with _logged() as lines:
+        run_local(data_root, tmp_path, "one", **{**LARS, "run.resume": "auto"})
+    assert any("at update 2" in line for line in lines)
     assert_same_noise(tmp_path / "one", out / "one")  # updates 3 and 4 average on from the saved EMAs
     resumed = records(tmp_path / "one", "step")
     assert [r["update"] for r in resumed] == [1, 2, 3, 4]
 
 
 def test_one_gradient_per_update_logs_no_noise_scale(data_root, tmp_path):
-    proc = train(overrides(data_root, tmp_path, "single", **{"batch.per_device_batch_size": 16, "run.max_updates": 1,
-                                                              **EVERY_UPDATE}))
-    assert proc.stderr.count("noise scale not measured: it needs two gradients per update") == 1
+    with _logged() as lines:
+        run_local(data_root, tmp_path, "single", **{"batch.per_device_batch_size": 16, "run.max_updates": 1,
+                                                     **EVERY_UPDATE})
+    assert sum("noise scale not measured: it needs two gradients per update" in line for line in lines) == 1
     steps = records(tmp_path / "single", "step")
     assert len(steps) == 1 and not any(key in steps[0] for key in NOISE_KEYS)
 
@@ -255,3 +282,80 @@ def test_an_update_reads_one_device_value_on_the_host(monkeypatch):
     assert reads == ["tolist"] and train_step.noise.tracker.updates == 2
     assert fields["noise_scale"] is None or fields["noise_scale"] > 0
     assert fields["noise_grad_sq"] == train_step.noise.tracker.grad_sq
+
+
+class _Scaler:
+    """A gradient scaler's two calls the meter makes (fp16): the scale the loss was multiplied by."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return self.scale
+
+
+def test_loop_meter_measures_chosen_updates_from_the_loops_own_gradients():
+    """One process, 3 micro-batches of 4 per update (kn = 12), measured on updates 0 and 2 of 3: the averages
+    are those of the micro-batch gradients computed apart (autograd.grad), and the hooks exist only during a
+    measured update's backward passes. A loss scaled by 8 (fp16) gives the same estimate once unscaled."""
+    from goyal_recipe.noise_scale import LoopNoiseScale
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(4, 5, dtype=torch.float64) for _ in range(9)]
+    data = [(x, x[:, :3].argmax(1)) for x in inputs]  # learnable labels: |G|^2 well above its noise
+
+    def model_and_meter(**kwargs):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        meter = LoopNoiseScale(model.parameters(), micro_batch_size=4, global_batch_size=12, every_updates=2,
+                               **kwargs).attach(optimizer)
+        return model, optimizer, meter
+
+    def loss(model, x, y, scale=1.0):  # each micro-batch's mean / A, as a plain accumulation loop writes it
+        return nn.functional.cross_entropy(model(x), y) / 3 * scale
+
+    model, optimizer, meter = model_and_meter()
+    expected, hooks = GradientNoiseScale(), []
+    for update in range(3):
+        hooks.append(meter._norms is not None)
+        params = list(model.parameters())
+        small = []
+        for x, y in data[3 * update:3 * update + 3]:  # on copies of the weights: the meter's hooks see nothing
+            copies = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+            logits = torch.func.functional_call(model, copies, (x,))
+            grads = torch.autograd.grad(nn.functional.cross_entropy(logits, y), list(copies.values()))
+            small.append(sum(float(g.square().sum()) for g in grads))
+        for x, y in data[3 * update:3 * update + 3]:
+            loss(model, x, y).backward()
+        big = sum(float(p.grad.square().sum()) for p in params)
+        if update % 2 == 0:
+            expected.update(sum(small) / 3, 4, big, 12)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert hooks == [True, False, True] and meter.updates_seen == 3
+    assert meter.tracker.updates == 2 and expected.b_simple > 0
+    assert meter.fields() == {"noise_scale": pytest.approx(expected.b_simple, rel=1e-12),
+                              "noise_grad_sq": pytest.approx(expected.grad_sq, rel=1e-12),
+                              "noise_trace_sigma": pytest.approx(expected.trace_sigma, rel=1e-12)}
+
+    scaled_model, scaled_optimizer, scaled = model_and_meter(grad_scaler=_Scaler(8.0))
+    for update in range(3):
+        for x, y in data[3 * update:3 * update + 3]:
+            loss(scaled_model, x, y, scale=8.0).backward()
+        for p in scaled_model.parameters():
+            p.grad /= 8.0  # what GradScaler.unscale_ does before the step
+        scaled_optimizer.step()
+        scaled_optimizer.zero_grad()
+    assert scaled.fields() == pytest.approx(meter.fields(), rel=1e-12)
+
+    restored = model_and_meter()[2]
+    restored.load_state_dict(json.loads(json.dumps(meter.state_dict())))
+    assert restored.state_dict() == meter.state_dict() and restored._norms is None  # update 3 is not measured
+    with pytest.raises(UserError, match="needs two gradients per update"):
+        LoopNoiseScale(model.parameters(), micro_batch_size=12, global_batch_size=12)
+    with pytest.raises(UserError, match="not a whole number of micro-batches"):
+        LoopNoiseScale(model.parameters(), micro_batch_size=5, global_batch_size=12)
