@@ -213,7 +213,11 @@ def test_reading_rules_standard_errors_and_where_the_error_rises():
 def record_scaling_run(run, final, noise_end, updates_per_epoch):
     writer = JsonlWriter(run.run_dir / "metrics.jsonl")
     writer.write({"kind": "run", "name": run.name, "updates_per_epoch": updates_per_epoch, "time": 0.0})
-    for update, epoch, b in ((1, 0.5, 50.0), (2, 1.0, 100.0), (2, 1.0, 100.0), (3, 9.0, noise_end)):
+    # B_simple early and late: the medians over the first and the last epoch (100 and noise_end), which a
+    # tenfold jump of one logged value does not move; a resumed run's repeated update 2 counts once.
+    steps = ((1, 0.5, 90.0), (2, 1.0, 110.0), (2, 1.0, 110.0), (3, 1.5, 5000.0), (4, 8.4, noise_end),
+             (5, 8.7, 10 * noise_end), (6, 9.0, noise_end - 10))
+    for update, epoch, b in steps:
         writer.write({"kind": "step", "update": update, "epoch": epoch, "loss": 1.0, "noise_scale": b, "time": 1.0})
     for epoch in range(1, 10):
         writer.write({"kind": "epoch", "epoch": epoch, "train_top1_error": 50.0,
@@ -250,7 +254,7 @@ def test_scaling_report_reads_the_sweep_by_its_rules(tmp_path):
         "| no warmup < constant warmup | +1.04 (+3.5 SE) | decisive | +5.00 (+11.2 SE) | decisive |")
     # kn = 256 is 3 / sqrt(1/5 + 1/3) = 4.1 SE above kn = 32, and every larger kn is too.
     assert ("- **SGD** error rises from kn = 256 (last kn not decisively above kn = 32: 128); B_simple of the "
-            "kn = 32 SGD runs: 100 after epoch 1, 400 at the end. The rise starts at 0.64x the late B_simple and "
+            "kn = 32 SGD runs: 100 over the first epoch, 400 over the last. The rise starts at 0.64x the late B_simple and "
             "2.6x the early one; the late B_simple lies outside [128, 256].") in report
     assert ("- **LARS** past the late B_simple, against SGD at kn = 32 (the accuracy to keep): kn = 512: +3.00 "
             "(+4.1 SE); kn = 1024: +3.00 (+4.1 SE); kn = 2048: +4.00 (+5.5 SE): not flat (flat: no point "

@@ -32,10 +32,11 @@ def noise_curve(log: RunLog) -> list[tuple[float, float]]:
     return [(s.epoch, s.noise_scale) for s in log.steps if s.noise_scale is not None]
 
 
-def noise_at(curve: Sequence[tuple[float, float]], epoch: float) -> float | None:
-    """B_simple as logged last at or before `epoch` (None before the first resolved value)."""
-    before = [b for e, b in curve if e <= epoch]
-    return before[-1] if before else None
+def noise_between(curve: Sequence[tuple[float, float]], first_epoch: float, last_epoch: float) -> float | None:
+    """The median B_simple logged in epochs (first_epoch, last_epoch]: each logged value is a moving average
+    of about 20 measurements, which late in training, with |G|^2 small, still jumps by tenfold now and then."""
+    values = [b for e, b in curve if first_epoch < e <= last_epoch]
+    return statistics.median(values) if values else None
 
 
 def final_error(curve: list[dict], mode: Mode) -> float | None:
@@ -49,7 +50,7 @@ def final_error(curve: list[dict], mode: Mode) -> float | None:
 
 def collect(mode_name: str, runs: Sequence[Run]) -> list[dict]:
     """One record per run from its metrics.jsonl: setting, seed, kn, k, n, eta, updates per epoch, error, the
-    per-epoch curve, and the measured noise scale (B_simple after the first epoch and at the end)."""
+    per-epoch curve, and the measured noise scale (median B_simple over the first epoch and over the last)."""
     mode = MODES[mode_name]
     records = []
     for run in runs:
@@ -64,7 +65,8 @@ def collect(mode_name: str, runs: Sequence[Run]) -> list[dict]:
             "peak_lr": cfg.schedule().peak_lr,
             "updates_per_epoch": log.header.updates_per_epoch if log.header else None,
             "error": final_error(curve, mode), "train_s": max(times) - min(times) if times else None,
-            "b_simple_early": noise_at(noise, 1.0), "b_simple_late": noise[-1][1] if noise else None,
+            "b_simple_early": noise_between(noise, 0, 1),
+            "b_simple_late": noise_between(noise, mode.epochs - 1, mode.epochs),
             "epochs": curve, "noise_scale": noise})
     return records
 

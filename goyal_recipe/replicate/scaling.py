@@ -6,8 +6,8 @@ sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample std s over n seeds). SGD's error "rises"
 which every larger kn is decisively above the smallest kn's error. LARS "stays flat" past B_simple when
 none of its points there is decisively above SGD's error at the smallest kn, the accuracy a larger kn is
 meant to keep. The noise scale they are set against is B_simple = tr(Sigma) / |G|^2 (McCandlish et
-al. 2018, App. A.1) measured in the smallest-kn SGD runs, after the first epoch ("early") and at the
-end ("late"), since B_simple grows as the loss falls.
+al. 2018, App. A.1) measured in the smallest-kn SGD runs, the median of its logged values over the first
+epoch ("early") and over the last ("late"), since B_simple grows as the loss falls.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def reading(mode: Mode, summary: dict[str, dict]) -> list[str]:
         return ["- Not read: the sweep has not finished every point (or no noise scale was measured)."]
     lines = []
     rise = rise_kn(sgd)
-    noise = f"B_simple of the kn = {mode.baseline_kn} SGD runs: {early:.0f} after epoch 1, {late:.0f} at the end"
+    noise = (f"B_simple of the kn = {mode.baseline_kn} SGD runs: {early:.0f} over the first epoch, "
+             f"{late:.0f} over the last")
     if rise is None:
         lines.append(f"- **SGD** does not rise decisively up to kn = {mode.sweep_kn[-1]}, "
                      f"{mode.sweep_kn[-1] / late:.2g}x the late B_simple ({noise}).")
