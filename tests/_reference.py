@@ -168,3 +168,42 @@ def check_noise_scale_equals_one_process(out: Path) -> None:
     expected = mlp_reference(TOTAL_UPDATES)[1]
     for rank in range(WORLD):
         check_noise_scale([r["noise"] for r in read_updates(out, rank)], expected, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# goyal-train's noise scale: 2-process runs inside the accelerate and DeepSpeed integration launches,
+# against the same recipe in one process (engine=local, 2 micro-batches of 8: the same 16 images per update)
+
+NOISE_KEYS = ("noise_scale", "noise_grad_sq", "noise_trace_sigma")
+EVERY_UPDATE = {"run.noise_scale_every_updates": 1}
+# LARS with polynomial decay, 4 updates of kn = 16.
+LARS = {"optim.optimizer": "lars", "optim.decay": "poly", "optim.weight_decay": 5e-4, "optim.nesterov": "false",
+        "run.max_updates": 4, **EVERY_UPDATE}
+# ZeRO-1 (SGD: ZeRO-1 refuses LARS), measuring every 2nd of 3 updates.
+ZERO1 = {"engine": "deepspeed", "deepspeed.zero_stage": 1, "run.max_updates": 3, "run.noise_scale_every_updates": 2}
+
+
+def goyal_train(data_root: Path, out: Path, name: str, **extra) -> None:
+    """goyal-train's loop in this process (under a launcher: one of its ranks)."""
+    from _runs import RECIPE, overrides
+    from goyal_recipe.config import load_config
+    from goyal_recipe.trainer import train
+
+    train(load_config(RECIPE, overrides(data_root, out, name, **{"run.keep_freed_cpu_memory": "false", **extra})))
+
+
+def noise_records(run_dir: Path) -> list[dict]:
+    from _runs import records
+
+    return [{k: r[k] for k in ("update", *NOISE_KEYS)} for r in records(run_dir, "step")]
+
+
+def assert_same_noise(run_dir: Path, reference: Path, updates: int | None = None) -> None:
+    """The step records' noise scale equals the reference run's (float32 runs: to 1e-4)."""
+    got, want = noise_records(run_dir), noise_records(reference)
+    if updates:
+        got, want = got[:updates], want[:updates]
+    assert [r["update"] for r in got] == [r["update"] for r in want]
+    for a, b in zip(got, want):
+        for key in NOISE_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (run_dir.name, a["update"], key)

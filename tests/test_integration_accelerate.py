@@ -6,7 +6,9 @@ parameters after 3 updates (and at the end) and the noise scale logged after eve
 one process stepping over the same micro-batches (tests/_reference.py). A run resumed from `save_state`
 mid-epoch ends with the losses, noise scale and parameters of the uninterrupted one. Run as a script
 under the launcher (one launch), this module runs the example, makes the mistakes of the issue one by
-one in a user's loop (each stops at the first update with the audit's line), then runs that resume.
+one in a user's loop (each stops at the first update with the audit's line), runs that resume, and
+then goyal-train's own loop on accelerate, whose noise scale over 2 processes x 1 micro-batch must be
+that of 1 process x 2 micro-batches over the same images.
 """
 
 import json
@@ -19,9 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _reference import (SCHEDULE, TOTAL_UPDATES, check_every_sample_once_per_epoch_in_the_trainers_blocks,
-                        check_lr_of_every_update, check_noise_scale_equals_one_process,
-                        check_parameters_equal_one_process, example_data, read_updates, saved_parameters)
+from _loop import run_local
+from _reference import (LARS, SCHEDULE, TOTAL_UPDATES, assert_same_noise,
+                        check_every_sample_once_per_epoch_in_the_trainers_blocks, check_lr_of_every_update,
+                        check_noise_scale_equals_one_process, check_parameters_equal_one_process, example_data,
+                        goyal_train, read_updates, saved_parameters)
+from _runs import records
 from goyal_recipe import EpochShuffleSampler, build_optimizer
 from goyal_recipe.errors import RecipeMismatch
 
@@ -43,11 +48,11 @@ def launch(args, tmp_path, script):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, data_root):
     """One launch: the uninterrupted run (checkpointing after update 6 on the way), the user's mistakes,
-    and the example resumed from that checkpoint."""
+    the example resumed from that checkpoint, and goyal-train's loop (`goyal_train/`)."""
     tmp = tmp_path_factory.mktemp("accelerate")
-    proc = launch([str(tmp)], tmp, Path(__file__))
+    proc = launch([str(tmp), str(data_root)], tmp, Path(__file__))
     return tmp / "full", tmp / "resumed", proc.stdout, tmp
 
 
@@ -81,6 +86,14 @@ def test_save_state_mid_epoch_then_load_state_continues_exactly(runs):
     uninterrupted = saved_parameters(full / "params_final.pt")
     continued = saved_parameters(resumed / "params_final.pt")
     assert all(torch.equal(uninterrupted[k], continued[k]) for k in uninterrupted)
+
+
+def test_goyal_train_noise_scale_two_processes_equals_one(runs, data_root, tmp_path):
+    """goyal-train (engine=accelerate, LARS, every update measured): 2 processes x 1 micro-batch of 8 log the
+    noise scale of 1 process x 2 micro-batches over the same 16 images per update."""
+    two = runs[3] / "goyal_train"
+    assert records(two, "run")[0]["world_size"] == 2
+    assert_same_noise(two, run_local(data_root, tmp_path, "one", **LARS))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,10 +187,12 @@ def test_mistakes_stop_at_first_update(runs):
     assert "each sample's gradient carries 2 x 1/kn" in results["plain_backward"]["error"]
 
 
-if __name__ == "__main__":  # DIR: the example, the mistakes, the resumed example, in the same processes
-    out = Path(sys.argv[1])
+if __name__ == "__main__":  # DIR DATA: the example, the mistakes, the resumed example, goyal-train, in one launch
+    out, data_root = Path(sys.argv[1]), Path(sys.argv[2])
     example.main(["--dtype", "float64", "--out", str(out / "full"), "--checkpoint-at", str(CHECKPOINT_AT),
                   "--checkpoint", str(out / "checkpoint")])
     _run_mistakes(out)
-    example.main(["--dtype", "float64", "--out", str(out / "resumed"), "--resume", str(out / "checkpoint")]
-                 ).end_training()
+    accelerator = example.main(["--dtype", "float64", "--out", str(out / "resumed"), "--resume",
+                                str(out / "checkpoint")])
+    goyal_train(data_root, out, "goyal_train", **LARS)
+    accelerator.end_training()

@@ -2,8 +2,9 @@
 
 One launch of this file under the `deepspeed` launcher (2 CPU processes, kn = 32 = 8 x 2 x 2
 accumulation steps) runs `examples/deepspeed_loop.py` on ZeRO-0 and ZeRO-1, then the mistakes a
-DeepSpeed user makes with the recipe; the tests read what each rank recorded: the LR, the samples,
-the weights and the noise scale of each update against one process over the same micro-batches.
+DeepSpeed user makes with the recipe, then goyal-train's own loop on DeepSpeed ZeRO-1; the tests read
+what each rank recorded: the LR, the samples, the weights and the noise scale of each update against one
+process over the same micro-batches.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("deepspeed")
 
-from _reference import check_noise_scale, example_data, reference_run, reference_updates  # noqa: E402
+from _loop import run_local  # noqa: E402
+from _reference import (LARS, ZERO1, assert_same_noise, check_noise_scale, example_data, goyal_train,  # noqa: E402
+                        noise_records, reference_run, reference_updates)
+from _runs import records  # noqa: E402
 from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer, global_batch_loss  # noqa: E402
 from goyal_recipe.errors import RecipeMismatch, UserError  # noqa: E402
 from goyal_recipe.integrations import deepspeed as goyal_ds  # noqa: E402
@@ -63,7 +67,7 @@ def _mistake(name: str, out: Path, run) -> None:
         (out / f"{name}.json").write_text(json.dumps(result))
 
 
-def worker(out: Path) -> None:
+def worker(out: Path, data_root: Path) -> None:
     import deepspeed
 
     example.main(["--record", str(out / "zero0"), "--weights-at", "1", "3"])
@@ -131,6 +135,8 @@ def worker(out: Path) -> None:
                       ("deepspeed_alone_zero1", deepspeed_alone_zero1)]:
         _mistake(name, out, run)
 
+    goyal_train(data_root, out, "goyal_train_zero1", **ZERO1)
+
 
 # ---------------------------------------------------------------------------------------------------
 # The tests
@@ -143,11 +149,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ds_runs(tmp_path_factory):
+def ds_runs(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("ds_integration")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(Path(__file__).resolve()), "--out", str(out)]
+           str(Path(__file__).resolve()), "--out", str(out), "--data", str(data_root)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -220,6 +226,18 @@ def test_example_noise_scale_equals_one_process_reference(ds_runs, run, updates)
     for record in _ranks(ds_runs / run):
         check_noise_scale(record["noise"][:1], expected[:1], rel=1e-4)
         check_noise_scale(record["noise"], expected, rel=1e-2)
+
+
+def test_goyal_train_zero1_noise_scale_two_processes_equals_one(ds_runs, data_root, tmp_path):
+    """goyal-train on DeepSpeed ZeRO-1 (the reduced gradient's norm from DeepSpeed's partitions), 2 processes x
+    1 micro-batch of 8, measuring updates 1 and 3: update 1 (the initial weights, any optimizer) has the noise
+    scale of 1 process x 2 micro-batches over the same images; update 2 logs update 1's averages, update 3 new ones."""
+    run = ds_runs / "goyal_train_zero1"
+    assert records(run, "run")[0]["world_size"] == 2
+    assert_same_noise(run, run_local(data_root, tmp_path, "one", **LARS), updates=1)
+    zero1 = noise_records(run)
+    assert {k: v for k, v in zero1[1].items() if k != "update"} == {k: v for k, v in zero1[0].items() if k != "update"}
+    assert zero1[2]["noise_grad_sq"] != zero1[1]["noise_grad_sq"]
 
 
 @pytest.mark.parametrize("name,message", [
@@ -307,5 +325,7 @@ def test_trainer_engine_uses_the_same_ds_config():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--local_rank", type=int)
-    worker(parser.parse_args().out)
+    args = parser.parse_args()
+    worker(args.out, args.data)
