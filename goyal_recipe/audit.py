@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import SequentialSampler
 
 from .errors import RecipeMismatch
+from .loop_parts import LoaderParts, _sampler_replicas, loader_parts, unwrap_model, unwrap_scheduler
 from .lr import GoyalLR, _innermost_optimizer
 from .optim import _is_norm
 from .sampler import EpochShuffleSampler
@@ -56,59 +57,6 @@ def allowed(findings: list[Finding], allow: Iterable[str]) -> list[Finding]:
     """The findings with those whose code is in `allow` kept as reported, not refused."""
     allow = set(allow)
     return [dataclasses.replace(f, silent=False) if f.code in allow else f for f in findings]
-
-
-# ---------------------------------------------------------------------------------------------------
-# What the loop holds
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module under DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def unwrap_scheduler(scheduler):
-    """The scheduler under wrappers that keep it in `.scheduler` (accelerate's AcceleratedScheduler)."""
-    while scheduler is not None and not isinstance(scheduler, GoyalLR) and hasattr(scheduler, "scheduler"):
-        scheduler = scheduler.scheduler
-    return scheduler
-
-
-@dataclass
-class LoaderParts:
-    sampler: object | None  # the index sampler under any batch sampler
-    shards: int  # how many ways the loader itself splits the batches (accelerate's BatchSamplerShard)
-    micro_batch: int | None  # samples per micro-batch on one rank
-
-
-def loader_parts(loader) -> LoaderParts:
-    """The sampler of a DataLoader, and how a framework's wrapping of it splits the data (duck-typed)."""
-    shards, split_batches, batch_size = 1, False, getattr(loader, "batch_size", None)
-    node = getattr(loader, "batch_sampler", None)
-    sampler = getattr(loader, "sampler", None)
-    while node is not None:
-        if hasattr(node, "num_processes") and hasattr(node, "process_index"):
-            shards *= int(node.num_processes)
-            split_batches = split_batches or bool(getattr(node, "split_batches", False))
-        if getattr(node, "batch_size", None):
-            batch_size = node.batch_size
-        inner = getattr(node, "batch_sampler", None)
-        if inner is None:
-            sampler = getattr(node, "sampler", sampler)
-            break
-        node = inner
-    micro = None if batch_size is None else (batch_size // shards if split_batches else batch_size)
-    return LoaderParts(sampler, shards, micro)
-
-
-def _sampler_replicas(sampler) -> int:
-    return int(getattr(sampler, "num_replicas", 1) or 1)
 
 
 def _names(names: list[str], limit: int = 3) -> str:

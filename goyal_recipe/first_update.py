@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .audit import Finding, _sampler_replicas, allowed, refuse_silent, unwrap_scheduler
+from .audit import Finding, allowed, refuse_silent
+from .loop_parts import _sampler_replicas, unwrap_scheduler
 from .lr import GoyalLR, _innermost_optimizer
 from .schedule import Schedule
 

@@ -32,7 +32,8 @@ import math
 
 import torch
 
-from ..audit import Finding, audit, loader_parts, unwrap_model
+from ..audit import Finding, audit
+from ..loop_parts import loader_parts, unwrap_model
 from ..errors import UserError
 from ..first_update import FirstUpdateCheck, record_loss
 from ..lr import GoyalLR
