@@ -31,7 +31,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["noise_scale_estimates", "GradientNoiseScale", "BackwardGradNorms", "grad_sq_norm", "LoopNoiseScale"]
+__all__ = ["noise_scale_estimates", "GradientNoiseScale", "BackwardGradNorms", "grad_sq_norm", "DeferredNoiseScale",
+           "LoopNoiseScale"]
 
 
 def _check_batches(small_batch: float, big_batch: float) -> None:
@@ -163,6 +164,41 @@ class BackwardGradNorms:
         self._norms = []
 
 
+class DeferredNoiseScale:
+    """`GradientNoiseScale` fed with squared norms that stay on the device until the averages are read:
+    `record` keeps each measured update's (mean |G_small|^2, |G_big|^2) as a tensor, and reading `tracker`
+    or `fields()` folds them in, in order, with one host copy. Non-finite pairs (an update whose
+    gradients overflowed) are left out. A loop measuring updates adds no host synchronisation to them."""
+
+    def __init__(self, micro_batch_size: int, global_batch_size: int, ema_decay: float = 0.95):
+        self.micro_batch_size, self.global_batch_size = int(micro_batch_size), int(global_batch_size)
+        _check_batches(self.micro_batch_size, self.global_batch_size)
+        self._tracker = GradientNoiseScale(ema_decay)
+        self._pending: list[torch.Tensor] = []
+
+    def record(self, small_sq_norm: torch.Tensor, big_sq_norm) -> None:
+        """One update's mean squared norm over its micro-batch gradients and its gradient's squared norm."""
+        small = small_sq_norm.double().reshape(())
+        self._pending.append(torch.stack([small, torch.as_tensor(big_sq_norm, dtype=torch.float64).reshape(())
+                                          .to(small.device)]))
+
+    @property
+    def tracker(self) -> GradientNoiseScale:
+        if self._pending:
+            pending, self._pending = torch.stack(self._pending).tolist(), []
+            for small, big in pending:
+                if math.isfinite(small) and math.isfinite(big):
+                    self._tracker.update(small, self.micro_batch_size, big, self.global_batch_size)
+        return self._tracker
+
+    def fields(self) -> dict:
+        """B_simple in samples, and the averaged |G|^2 and tr(Sigma) it divides (empty before a measurement)."""
+        t = self.tracker
+        if not t.updates:
+            return {}
+        return {"noise_scale": t.b_simple, "noise_grad_sq": t.grad_sq, "noise_trace_sigma": t.trace_sigma}
+
+
 class LoopNoiseScale:
     """B_simple of a data-parallel loop's updates, measured on the gradients the loop already computes.
 
@@ -202,8 +238,7 @@ class LoopNoiseScale:
         scale = n * world / kn if loss_scale is None else float(loss_scale)
         # Mean |G_n|^2 over the W x A (rank, micro-batch) gradients from the sum of their scaled squares.
         self._small_factor = 1.0 / (scale ** 2 * (kn // n))
-        self._tracker = GradientNoiseScale(ema_decay)
-        self._pending: list[torch.Tensor] = []  # [mean |G_n|^2, |G_kn|^2] of measured updates not read yet
+        self.averages = DeferredNoiseScale(n, kn, ema_decay)
         self._norms: BackwardGradNorms | None = None
         self._hook = None
         self.updates_seen = 0
@@ -226,14 +261,13 @@ class LoopNoiseScale:
             small = self._norms.take().double()
             if big_sq_norm is None:
                 big_sq_norm = grad_sq_norm(self.params)
-            big = torch.as_tensor(big_sq_norm, dtype=torch.float64).reshape(()).to(small.device)
             if self.world_size > 1:
                 import torch.distributed as dist
 
                 dist.all_reduce(small)
             if self.grad_scaler is not None and self.grad_scaler.is_enabled():
                 small = small / self.grad_scaler.get_scale() ** 2  # the hooks saw the scaled loss's gradients
-            self._pending.append(torch.stack([small * self._small_factor, big]))
+            self.averages.record(small * self._small_factor, big_sq_norm)
         self.updates_seen += 1
         if self.every_updates > 1:
             self._arm()
@@ -256,20 +290,12 @@ class LoopNoiseScale:
     # --- reading
     @property
     def tracker(self) -> GradientNoiseScale:
-        """The averages, with the updates measured since the last read folded in, in order (one host copy)."""
-        if self._pending:
-            pending, self._pending = torch.stack(self._pending).tolist(), []
-            for small, big in pending:
-                if math.isfinite(small) and math.isfinite(big):
-                    self._tracker.update(small, self.micro_batch_size, big, self.global_batch_size)
-        return self._tracker
+        """The averages, with the updates measured since the last read folded in (one host copy)."""
+        return self.averages.tracker
 
     def fields(self) -> dict:
-        """B_simple in samples, and the averaged |G|^2 and tr(Sigma) it divides (empty before a measurement)."""
-        t = self.tracker
-        if not t.updates:
-            return {}
-        return {"noise_scale": t.b_simple, "noise_grad_sq": t.grad_sq, "noise_trace_sigma": t.trace_sigma}
+        """`noise_scale` (B_simple, samples), `noise_grad_sq`, `noise_trace_sigma`: what to log."""
+        return self.averages.fields()
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict(), "updates_seen": self.updates_seen}

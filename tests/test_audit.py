@@ -313,12 +313,7 @@ def test_resume_mid_epoch_with_a_sampler_that_cannot_start_there():
 def test_check_leaves_after_the_next_epochs_first_step_beside_a_later_hook():
     """The check's pre-hook goes once epoch 1's first update is checked, after that step: deleting it while the
     optimizer runs its pre-hooks would break the loop over them when another hook follows (a noise-scale meter)."""
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    optimizer = build_optimizer(model)
-    scheduler = GoyalLR(optimizer, schedule(), 4)
-    sampler = EpochShuffleSampler(NUM_SAMPLES, batch_size=64)
-    checker = FirstUpdateCheck(optimizer, global_batch_size=64, scheduler=scheduler, sampler=sampler)
+    model, optimizer, scheduler, sampler, checker = _checked_linear_loop()
     later = []
     optimizer.register_step_pre_hook(lambda *_: later.append(scheduler.updates_done))
     x, y = torch.randn(64, 4), torch.zeros(64, dtype=torch.long)
@@ -333,13 +328,19 @@ def test_check_leaves_after_the_next_epochs_first_step_beside_a_later_hook():
     assert len(optimizer._optimizer_step_pre_hooks) == 2 and len(optimizer._optimizer_step_post_hooks) == 1
 
 
-def test_sampler_not_advanced_at_the_next_epoch():
+def _checked_linear_loop():
+    """A linear model's loop of 4 updates of 64 per epoch, watched by a FirstUpdateCheck."""
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     optimizer = build_optimizer(model)
     scheduler = GoyalLR(optimizer, schedule(), 4)
     sampler = EpochShuffleSampler(NUM_SAMPLES, batch_size=64)
     checker = FirstUpdateCheck(optimizer, global_batch_size=64, scheduler=scheduler, sampler=sampler)
+    return model, optimizer, scheduler, sampler, checker
+
+
+def test_sampler_not_advanced_at_the_next_epoch():
+    model, optimizer, scheduler, sampler, checker = _checked_linear_loop()
     x, y = torch.randn(64, 4), torch.zeros(64, dtype=torch.long)
     for update in range(4):
         global_batch_loss(F.cross_entropy(model(x), y, reduction="none"), 64).backward()
