@@ -175,8 +175,16 @@ def test_scaling_mode_sweeps_sgd_and_lars_and_runs_table1_five_times(tmp_path):
             "ghost", 16, True, 160)
         assert (cfg.optim.epochs, cfg.optim.milestones, cfg.optim.warmup_epochs, cfg.optim.decay) == (
             9, [3, 6, 8], 0.5, "step")
-        assert (cfg.optim.trust_coefficient, cfg.optim.momentum, cfg.optim.weight_decay) == (0.001, 0.9, 1e-4)
+        assert (cfg.optim.momentum, cfg.optim.weight_decay) == (0.9, 1e-4)
         assert cfg.optim.optimizer == ("lars" if run.setting.name.endswith("lars") else "sgd")
+        if cfg.optim.optimizer == "lars":
+            # One trust coefficient at every kn (apex LARC's default), nothing else changed from SGD at that kn.
+            assert cfg.optim.trust_coefficient == 0.02
+            sgd = next(r.config for r in runs if r.name == run.name.replace("-lars", ""))
+            changed = {section: {k: v for k, v in fields.items() if sgd.model_dump()[section][k] != v}
+                       for section, fields in cfg.model_dump().items() if isinstance(fields, dict)}
+            assert {s: c for s, c in changed.items() if c} == {
+                "run": {"name": run.name}, "optim": {"optimizer": "lars", "trust_coefficient": 0.02}}
         assert cfg.schedule().peak_lr == pytest.approx(0.1 * kn / 32)
         plan = plan_batches(cfg, world_size=1)
         assert (plan.per_device_batch_size, plan.accumulation_steps) == {
