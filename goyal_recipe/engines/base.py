@@ -8,6 +8,9 @@ Who owns what:
 - `checkpoint.py`: a checkpoint directory's layout; engines write their model and optimizer state into
   it through `save_state` (plain files via `state_files.py`, or DeepSpeed's own format).
 - `trainer.py`: the loop, its records and the trackers (one writer on the main process, whatever the engine).
+
+A new engine subclasses `Engine` and implements each abstract member (`engines/local.py` is the smallest
+complete one), then gets a name in `RecipeConfig.engine` and a branch in `engines.make_engine`.
 """
 
 from __future__ import annotations
