@@ -192,6 +192,47 @@ def goyal_train(data_root: Path, out: Path, name: str, **extra) -> None:
     train(load_config(RECIPE, overrides(data_root, out, name, **{"run.keep_freed_cpu_memory": "false", **extra})))
 
 
+_ONE_PROCESS_RUNS: dict[str, tuple[Path, str]] = {}
+
+
+def one_process_run(data_root: Path, tmp_path_factory) -> tuple[Path, str]:
+    """The LARS recipe as 1 process x 2 micro-batches of 8, in this process (engine=local, TensorBoard and
+    plots on), run once per test session and shared by the tests that compare a split with it: its run
+    directory and what it printed and logged."""
+    from _loop import run_local
+
+    if str(data_root) not in _ONE_PROCESS_RUNS:
+        out = tmp_path_factory.mktemp("one_process")
+        with logged() as lines:
+            run = run_local(data_root, out, "one", **LARS, **{"run.trackers": "[tensorboard]", "run.plots": "true"})
+        _ONE_PROCESS_RUNS[str(data_root)] = run, "\n".join(lines)
+    return _ONE_PROCESS_RUNS[str(data_root)]
+
+
+class logged:
+    """What an in-process run prints and logs (a launched run's stdout and stderr), as lines."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        import logging
+
+        self.lines, self.logger = [], logging.getLogger("goyal_recipe")
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+        self.logger.addHandler(self.handler)
+        self.stdout = io.StringIO()
+        self.redirect = contextlib.redirect_stdout(self.stdout)
+        self.redirect.__enter__()
+        return self.lines
+
+    def __exit__(self, *exc):
+        self.redirect.__exit__(*exc)
+        self.logger.removeHandler(self.handler)
+        self.lines += self.stdout.getvalue().splitlines()
+
+
+
 def noise_records(run_dir: Path) -> list[dict]:
     from _runs import records
 

@@ -21,11 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _loop import run_local
 from _reference import (LARS, SCHEDULE, TOTAL_UPDATES, assert_same_noise,
                         check_every_sample_once_per_epoch_in_the_trainers_blocks, check_lr_of_every_update,
                         check_noise_scale_equals_one_process, check_parameters_equal_one_process, example_data,
-                        goyal_train, read_updates, saved_parameters)
+                        goyal_train, one_process_run, read_updates, saved_parameters)
 from _runs import records
 from goyal_recipe import EpochShuffleSampler, build_optimizer
 from goyal_recipe.errors import RecipeMismatch
@@ -88,12 +87,12 @@ def test_save_state_mid_epoch_then_load_state_continues_exactly(runs):
     assert all(torch.equal(uninterrupted[k], continued[k]) for k in uninterrupted)
 
 
-def test_goyal_train_noise_scale_two_processes_equals_one(runs, data_root, tmp_path):
+def test_goyal_train_noise_scale_two_processes_equals_one(runs, data_root, tmp_path_factory):
     """goyal-train (engine=accelerate, LARS, every update measured): 2 processes x 1 micro-batch of 8 log the
     noise scale of 1 process x 2 micro-batches over the same 16 images per update."""
     two = runs[3] / "goyal_train"
     assert records(two, "run")[0]["world_size"] == 2
-    assert_same_noise(two, run_local(data_root, tmp_path, "one", **LARS))
+    assert_same_noise(two, one_process_run(data_root, tmp_path_factory)[0])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("deepspeed")
 
-from _loop import run_local  # noqa: E402
-from _reference import (LARS, ZERO1, assert_same_noise, check_noise_scale, example_data, goyal_train,  # noqa: E402
-                        noise_records, reference_run, reference_updates)
+from _reference import (ZERO1, assert_same_noise, check_noise_scale, example_data, goyal_train,  # noqa: E402
+                        noise_records, one_process_run, reference_run, reference_updates)
 from _runs import records  # noqa: E402
 from goyal_recipe import EpochShuffleSampler, GoyalLR, build_optimizer, global_batch_loss  # noqa: E402
 from goyal_recipe.errors import RecipeMismatch, UserError  # noqa: E402
@@ -228,13 +227,13 @@ def test_example_noise_scale_equals_one_process_reference(ds_runs, run, updates)
         check_noise_scale(record["noise"], expected, rel=1e-2)
 
 
-def test_goyal_train_zero1_noise_scale_two_processes_equals_one(ds_runs, data_root, tmp_path):
+def test_goyal_train_zero1_noise_scale_two_processes_equals_one(ds_runs, data_root, tmp_path_factory):
     """goyal-train on DeepSpeed ZeRO-1 (the reduced gradient's norm from DeepSpeed's partitions), 2 processes x
     1 micro-batch of 8, measuring updates 1 and 3: update 1 (the initial weights, any optimizer) has the noise
     scale of 1 process x 2 micro-batches over the same images; update 2 logs update 1's averages, update 3 new ones."""
     run = ds_runs / "goyal_train_zero1"
     assert records(run, "run")[0]["world_size"] == 2
-    assert_same_noise(run, run_local(data_root, tmp_path, "one", **LARS), updates=1)
+    assert_same_noise(run, one_process_run(data_root, tmp_path_factory)[0], updates=1)
     zero1 = noise_records(run)
     assert {k: v for k, v in zero1[1].items() if k != "update"} == {k: v for k, v in zero1[0].items() if k != "update"}
     assert zero1[2]["noise_grad_sq"] != zero1[1]["noise_grad_sq"]

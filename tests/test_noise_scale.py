@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from _loop import run_local
-from _reference import EVERY_UPDATE, LARS, NOISE_KEYS, assert_same_noise
+from _reference import EVERY_UPDATE, LARS, NOISE_KEYS, assert_same_noise, logged, one_process_run
 from _runs import EPOCHS, RECIPE, UPDATES_PER_EPOCH, overrides, records, train
 from goyal_recipe import GradientNoiseScale, Schedule, noise_scale_estimates
 from goyal_recipe.config import BatchPlan, load_config
@@ -129,33 +129,8 @@ SCHEDULE = Schedule(global_batch_size=16, base_lr=0.05, base_batch_size=4, warmu
 def noise_runs(data_root, tmp_path_factory):
     """1 process x 2 micro-batches of 8 (engine=local, in this process: TensorBoard, plots). The same images as
     2 processes x 8 are checked in the accelerate and DeepSpeed integration tests, in their launches."""
-    out = tmp_path_factory.mktemp("noise_runs")
-    with _logged() as lines:
-        run_local(data_root, out, "one", **LARS, **{"run.trackers": "[tensorboard]", "run.plots": "true"})
-    return out, "\n".join(lines)
-
-
-class _logged:
-    """What an in-process run prints and logs (a launched run's stdout and stderr), as lines."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-        import logging
-
-        self.lines, self.logger = [], logging.getLogger("goyal_recipe")
-        self.handler = logging.Handler(logging.DEBUG)
-        self.handler.emit = lambda record: self.lines.append(record.getMessage())
-        self.logger.addHandler(self.handler)
-        self.stdout = io.StringIO()
-        self.redirect = contextlib.redirect_stdout(self.stdout)
-        self.redirect.__enter__()
-        return self.lines
-
-    def __exit__(self, *exc):
-        self.redirect.__exit__(*exc)
-        self.logger.removeHandler(self.handler)
-        self.lines += self.stdout.getvalue().splitlines()
+    one, output = one_process_run(data_root, tmp_path_factory)
+    return one.parent, output
 
 
 def test_noise_scale_in_step_records_epoch_line_tensorboard_and_plot(noise_runs):
@@ -178,7 +153,7 @@ def test_noise_scale_in_step_records_epoch_line_tensorboard_and_plot(noise_runs)
 def test_resume_continues_the_noise_tracker(noise_runs, data_root, tmp_path):
     out, _ = noise_runs
     run_local(data_root, tmp_path, "one", **{**LARS, "run.max_updates": 2, "run.resume": "auto"})
-    with _logged() as lines:
+    with logged() as lines:
         run_local(data_root, tmp_path, "one", **{**LARS, "run.resume": "auto"})
     assert any("at update 2" in line for line in lines)
     assert_same_noise(tmp_path / "one", out / "one")  # updates 3 and 4 average on from the saved EMAs
@@ -187,7 +162,7 @@ def test_resume_continues_the_noise_tracker(noise_runs, data_root, tmp_path):
 
 
 def test_one_gradient_per_update_logs_no_noise_scale(data_root, tmp_path):
-    with _logged() as lines:
+    with logged() as lines:
         run_local(data_root, tmp_path, "single", **{"batch.per_device_batch_size": 16, "run.max_updates": 1,
                                                      **EVERY_UPDATE})
     assert sum("noise scale not measured: it needs two gradients per update" in line for line in lines) == 1
