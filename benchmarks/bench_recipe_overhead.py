@@ -8,9 +8,11 @@ mean cross-entropy), each variant switches on one piece:
   ghost_bn     `use_ghost_batchnorm(model, --bn-group-size)` instead of BatchNorm2d over the batch
   global_loss  `global_batch_loss(F.cross_entropy(reduction="none"), kn)` instead of the mean
   all          the three together
-  noise_scale  the gradient noise scale as goyal-train measures it (`run.noise_scale`) on every
-               --noise-scale-every-th update: a hook per parameter recording the norm of each backward's
-               gradient, the squared norm of the reduced .grad, and the tracker's update (two float reads)
+  noise_scale  the gradient noise scale as a user's loop measures it (`LoopNoiseScale` attached to the
+               optimizer, as the integrations do) on every --noise-scale-every-th update: a hook per
+               parameter recording the norm of each backward's gradient, the squared norm of the reduced
+               .grad, and the averages read once per update (one host copy)
+  noise_scale_idle  the same meter on updates it does not measure (no hooks then: one pre-step call)
 
 Variants run interleaved; the overhead of a piece is the paired per-repeat difference to the
 baseline, in ms per update and in % of the baseline update. A whole update's repeat-to-repeat
@@ -19,7 +21,7 @@ noise on a CPU is a few %, wider than ghost BN's cost, so ghost BN is also timed
 inputs the layer sees in an update, GhostBatchNorm2d in each layout against BatchNorm2d,
 interleaved; the difference is expressed in % of the baseline update. The noise scale is likewise timed
 alone (`noise_scale_alone`): its per-parameter norms of one update's gradients, the norm of .grad and the
-tracker's update, in % of the baseline update: the cost of one measured update, and (`noise_scale_amortised`)
+averages' update, in % of the baseline update: the cost of one measured update, and (`noise_scale_amortised`)
 that cost divided by --noise-scale-every. The sampler piece is the index loop
 the DataLoader runs per update (one `BatchSampler` batch), over one whole epoch of
 --num-samples, divided by its updates: `EpochShuffleSampler` as the trainer iterates it (through
@@ -99,56 +101,62 @@ def model_copy(args, base_model, device, ghost_bn, layout=None):
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
-def noise_scale_measurement(model, kn, every=1):
-    """What TrainStep adds per update for the noise scale: hooks recording each backward's per-parameter
-    gradient norms (installed here), and `measure()` after the backward: their sum of squares, the reduced
-    gradient's squared norm and the tracker's update. One backward stands for the kn // 2 images of one
-    of two micro-batches: the cost per backward is the same whatever the split. With `every` > 1 only every
-    `every`-th call measures, as goyal-train does (the hooks of the others record nothing)."""
-    from goyal_recipe import GradientNoiseScale
-    from goyal_recipe.noise_scale import BackwardGradNorms, grad_sq_norm
+def noise_scale_meter(model, optimizer, kn, every=1):
+    """`LoopNoiseScale` on `model`'s parameters, measuring in `optimizer`'s pre-step hook every `every`-th
+    update. One backward stands for the kn // 2 images of one of two micro-batches: the cost per backward
+    is the same whatever the split."""
+    from goyal_recipe.noise_scale import LoopNoiseScale
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    norms, tracker = BackwardGradNorms(params), GradientNoiseScale()
-    calls = iter(range(1, 2**62))
-
-    def measure():
-        if norms.active:
-            small, big = float(norms.take()), float(grad_sq_norm(params))
-            tracker.update(small, kn // 2, big, kn)
-        norms.active = next(calls) % every == 0  # for the next update's backward
-
-    return norms, measure
+    return LoopNoiseScale(model.parameters(), micro_batch_size=kn // 2, global_batch_size=kn,
+                          every_updates=every).attach(optimizer)
 
 
 def make_noise_scale_alone(args, base_model, device, batch):
     """The noise scale's own work on one update's gradients, without the update: the norm the hook takes
-    of every parameter's gradient, then `measure()`."""
+    of every parameter's gradient, the reduced gradient's norm, and reading the averages."""
+    from goyal_recipe import build_optimizer
+
     model = model_copy(args, base_model, device, ghost_bn=False)
     images, labels = batch
     with autocast(args, device):
         logits = model(images)
     F.cross_entropy(logits.float(), labels).backward()
-    norms, measure = noise_scale_measurement(model, args.batch_size)
+    meter = noise_scale_meter(model, build_optimizer(model, "sgd", lr=0.1), args.batch_size)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
 
     def alone():
-        norms.active = True
         for grad in grads:
-            norms._record(grad)
-        measure()
+            meter._norms._record(grad)
+        meter.measure()
+        meter.fields()
 
     return alone
 
 
+def make_noise_scale_idle_alone(args, base_model, device):
+    """What the meter does on an update it does not measure, alone: its pre-step call and a read of the averages."""
+    from goyal_recipe import build_optimizer
+
+    model = model_copy(args, base_model, device, ghost_bn=False)
+    meter = noise_scale_meter(model, build_optimizer(model, "sgd", lr=0.1), args.batch_size, every=2**62)
+    meter.measure()  # update 0 is measured (no gradients here); every later one is not
+
+    def idle():
+        meter.measure()
+        meter.fields()
+
+    return idle
+
+
 def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False, global_loss_=False,
-                noise_scale=False):
+                noise_scale_every=None):
     """One training update on its own copy of the model, with the chosen pieces switched on."""
     from goyal_recipe import GoyalLR, Schedule, build_optimizer
 
     model = model_copy(args, base_model, device, ghost_bn)
-    measure = noise_scale_measurement(model, args.batch_size, args.noise_scale_every)[1] if noise_scale else None
     optimizer = build_optimizer(model, "sgd", lr=0.1)
+    meter = None if noise_scale_every is None else noise_scale_meter(model, optimizer, args.batch_size,
+                                                                     noise_scale_every)
     scheduler = None
     if goyal_lr:
         schedule = Schedule(global_batch_size=args.batch_size)
@@ -161,9 +169,9 @@ def make_update(args, base_model, device, batch, goyal_lr=False, ghost_bn=False,
         with autocast(args, device):
             logits = model(images)
         loss_fn(logits.float(), labels, kn).backward()
-        if measure is not None:
-            measure()
         optimizer.step()
+        if meter is not None:
+            meter.fields()  # what a loop logging every update reads
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
@@ -248,11 +256,15 @@ def main(argv=None):
         "ghost_bn": make_update(args, base, device, batch, ghost_bn=True),
         "global_loss": make_update(args, base, device, batch, global_loss_=True),
         "all": make_update(args, base, device, batch, goyal_lr=True, ghost_bn=True, global_loss_=True),
-        "noise_scale": make_update(args, base, device, batch, noise_scale=True),
+        "noise_scale": make_update(args, base, device, batch, noise_scale_every=args.noise_scale_every),
+        # Measured at the first (warm-up) update only: every timed update is one the meter does not measure.
+        "noise_scale_idle": make_update(args, base, device, batch, noise_scale_every=2**62),
     }
     seconds = common.time_interleaved(updates, args.iters, args.warmup, args.repeats, device)
-    noise_s = common.time_interleaved({"noise_scale_alone": make_noise_scale_alone(args, base, device, batch)},
-                                      args.iters, args.warmup, args.repeats, device)["noise_scale_alone"]
+    alone_s = common.time_interleaved({"noise_scale_alone": make_noise_scale_alone(args, base, device, batch),
+                                       "noise_scale_idle_alone": make_noise_scale_idle_alone(args, base, device)},
+                                      args.iters, args.warmup, args.repeats, device)
+    noise_s = alone_s["noise_scale_alone"]
     inputs = bn_layer_inputs(args, base, device, images)
     bn_layers = {"plain": make_bn_layers(args, base, device, inputs)}
     bn_layers.update({layout: make_bn_layers(args, base, device, inputs, layout) for layout in GHOST_LAYOUTS})
@@ -266,7 +278,7 @@ def main(argv=None):
     variants = {"baseline": {"step_ms": common.summary([1e3 * s for s in base_s])}}
     rows = [["baseline", common.spread(variants["baseline"]["step_ms"], "{:.2f}"), "-", "-"]]
     derived = {"overhead_ms": {}, "overhead_pct": {}}
-    for name in (*PIECES, "all", "noise_scale"):
+    for name in (*PIECES, "all", "noise_scale", "noise_scale_idle"):
         diff = [v - b for v, b in zip(seconds[name], base_s)]
         v = {"step_ms": common.summary([1e3 * s for s in seconds[name]]),
              "overhead_ms": common.summary([1e3 * d for d in diff]),
@@ -297,6 +309,13 @@ def main(argv=None):
     derived["overhead_pct"]["noise_scale_alone"] = noise_alone["overhead_pct"]["median"]
     rows.append(["noise_scale_alone (one measurement, no update)", f"{noise_alone['ms']['median']:.3f}",
                  common.spread(noise_alone["ms"], "{:+.3f}"), common.spread(noise_alone["overhead_pct"], "{:+.3f}")])
+    idle = {"ms": common.summary([1e3 * s for s in alone_s["noise_scale_idle_alone"]]),
+            "overhead_pct": common.summary([100 * s / step_median for s in alone_s["noise_scale_idle_alone"]])}
+    variants["noise_scale_idle_alone"] = idle
+    derived["overhead_ms"]["noise_scale_idle_alone"] = idle["ms"]["median"]
+    derived["overhead_pct"]["noise_scale_idle_alone"] = idle["overhead_pct"]["median"]
+    rows.append(["noise_scale_idle_alone (an update not measured)", f"{idle['ms']['median']:.4f}",
+                 common.spread(idle["ms"], "{:+.4f}"), common.spread(idle["overhead_pct"], "{:+.4f}")])
     every = args.noise_scale_every
     amortised = {key: common.summary([v / every for v in noise_alone[key]["values"]]) for key in ("ms", "overhead_pct")}
     variants["noise_scale_amortised"] = amortised

@@ -180,13 +180,12 @@ def test_recipe_switch_turns_the_meter_off():
 
 @pytest.mark.slow  # the deepspeed launcher takes about a minute to start 2 CPU processes
 def test_deepspeed_launcher_two_processes_same_noise_scale(noise_runs, data_root, tmp_path):
+    """ZeRO-0 (.grad, as accelerate) with LARS over 4 updates; ZeRO-1 with 2 processes runs by default in
+    test_integration_deepspeed's launch."""
     out, _ = noise_runs
     train(overrides(data_root, tmp_path, "zero0", engine="deepspeed", **LARS), launcher="deepspeed")
     assert records(tmp_path / "zero0", "run")[0]["world_size"] == 2
     assert_same_noise(tmp_path / "zero0", out / "one")
-    train(overrides(data_root, tmp_path, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1,
-                                                      "run.max_updates": 1, **EVERY_UPDATE}), launcher="deepspeed")
-    assert_same_noise(tmp_path / "zero1", out / "one", updates=1)
 
 
 class _HostTensor(torch.Tensor):
