@@ -2,6 +2,7 @@
 process) under the deepspeed launcher and accelerate's DeepSpeed plugin, non-finite updates included."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -22,11 +23,13 @@ NAN = {"debug.inject_nonfinite_updates": "[3,6]"}
 @pytest.fixture(scope="module")
 def ds_runs(data_root, tmp_path_factory):
     """The reference: 1 process x 2 accumulation micro-batches (engine=local, in this process); DeepSpeed ZeRO-0
-    as 2 processes under the deepspeed launcher; DeepSpeed ZeRO-1 as 1 process x 2 micro-batches."""
+    as 2 processes under the deepspeed launcher; DeepSpeed ZeRO-1 as 1 process x 2 micro-batches, keeping a
+    checkpoint of every 2 updates."""
     out = tmp_path_factory.mktemp("ds_runs")
     run_local(data_root, out, "reference", **NAN)
     train(overrides(data_root, out, "zero0", engine="deepspeed", **NAN), launcher="deepspeed")
-    train(overrides(data_root, out, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1}, **NAN))
+    train(overrides(data_root, out, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1, **NAN,
+                                                "run.checkpoint_every_updates": 2, "run.keep_checkpoints": 6}))
     return out
 
 
@@ -67,13 +70,17 @@ def test_nonfinite_updates_are_skipped_as_in_the_reference(ds_runs, run):
 
 
 def test_resume_under_deepspeed_equals_uninterrupted(ds_runs, data_root, tmp_path):
-    same = {"engine": "deepspeed", "deepspeed.zero_stage": 1, "run.resume": "auto", **NAN}
-    train(overrides(data_root, tmp_path, "zero1", **same, **{"run.max_updates": 6}))
-    checkpoint = tmp_path / "zero1" / "checkpoints" / "update_000000006"
+    """ZeRO-1's checkpoint of update 6 (inside epoch 2, after the skipped update 6) resumed by a new process: the
+    updates after it are the uninterrupted run's."""
+    checkpoint = ds_runs / "zero1" / "checkpoints" / "update_000000006"
     assert (checkpoint / "COMPLETE").is_file() and (checkpoint / "deepspeed").is_dir()
-    proc = train(overrides(data_root, tmp_path, "zero1", **same))
+    shutil.copytree(checkpoint, tmp_path / "zero1" / "checkpoints" / checkpoint.name)
+    proc = train(overrides(data_root, tmp_path, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1,
+                                                            "run.resume": "auto", **NAN}))
     assert "at update 6" in proc.stdout
-    assert step_losses(tmp_path / "zero1") == pytest.approx(step_losses(ds_runs / "zero1"), rel=1e-6)
+    resumed, uninterrupted = step_losses(tmp_path / "zero1"), step_losses(ds_runs / "zero1")
+    assert sorted(resumed) == [7, 8, 9, 10, 11, 12]
+    assert resumed == pytest.approx({update: uninterrupted[update] for update in resumed}, rel=1e-6)
     resumed, reference = parameters(tmp_path / "zero1"), parameters(ds_runs / "zero1")
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
