@@ -71,7 +71,8 @@ def main(argv=None) -> Accelerator:
             if not accelerator.sync_gradients:
                 continue
             noise = recipe.noise_scale.fields()
-            accelerator.print(f"epoch {epoch} update {update} lr {lr:.4f} noise scale {noise['noise_scale']}")
+            b_simple = noise["noise_scale"] or float("nan")  # None until the averages resolve it
+            accelerator.print(f"epoch {epoch} update {update} lr {lr:.4f} B_simple {b_simple:.4g}")
             records.append({"update": update, "epoch": epoch, "lr": lr, "loss": loss_sum, "indices": indices,
                             "noise": noise})
             loss_sum, indices = 0.0, []

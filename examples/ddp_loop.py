@@ -65,8 +65,9 @@ def train(dtype: torch.dtype, out: Path | None = None) -> None:
             scheduler.step()
             optimizer.zero_grad()
             noise = recipe.noise_scale.fields()  # B_simple from the gradients the loop already has
+            b_simple = noise["noise_scale"] or float("nan")  # None until the averages resolve it
             if dist.get_rank() == 0:
-                print(f"epoch {epoch} update {update} lr {lr:.4f} noise scale {noise['noise_scale']}", flush=True)
+                print(f"epoch {epoch} update {update} lr {lr:.4f} B_simple {b_simple:.4g}", flush=True)
             records.append({"update": update, "epoch": epoch, "lr": lr, "loss": loss_sum, "indices": indices,
                             "noise": noise})
             loss_sum, indices = 0.0, []

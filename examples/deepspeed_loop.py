@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                     break
         if rank == 0:
             print(f"epoch {epoch}: {scheduler.updates_done} updates, lr {lrs[-1]:.4f}, "
-                  f"noise scale {noise_fields[-1]['noise_scale']}", flush=True)
+                  f"B_simple {noise_fields[-1]['noise_scale'] or float('nan'):.4g}", flush=True)
 
     if args.record:
         write_record(args.record, rank, {"world_size": world, "lr": lrs, "indices": updates, "noise": noise_fields},

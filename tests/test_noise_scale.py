@@ -223,7 +223,8 @@ def test_an_update_reads_one_device_value_on_the_host(monkeypatch):
         stats, _, applied, indices = train_step(batches)
         assert applied and reads == ["__bool__"], (update, reads)
         assert indices == list(range(16 * update, 16 * update + 16))
-        assert [float(stats.images), float(stats.bad_images)] == [16.0, 1.0]  # images, and the bad flag of the update's second micro-batch
+        # images, and the bad flag of the update's second micro-batch
+        assert [float(stats.images), float(stats.bad_images)] == [16.0, 1.0]
     reads.clear()
     fields = train_step.noise_fields()
     assert reads == ["tolist"] and train_step.noise.tracker.updates == 2
