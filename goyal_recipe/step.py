@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 
 import torch
@@ -15,7 +14,7 @@ from .loss import global_batch_loss
 from .lr import GoyalLR
 from .metrics import topk_correct
 from .model import build_model, compile_model
-from .noise_scale import BackwardGradNorms, GradientNoiseScale
+from .noise_scale import BackwardGradNorms, DeferredNoiseScale
 from .optim import LAYERWISE, build_optimizer
 from .progress import UpdateResult, UpdateSums
 
@@ -62,19 +61,18 @@ class NormStatistics:
             torch._foreach_copy_(self.live, self.saved)
 
 
-class NoiseScaleMeter:
+class NoiseScaleMeter(DeferredNoiseScale):
     """The gradient noise scale measured on the update's own gradients (McCandlish et al. 2018, App. A.1):
     the small batches are the (rank, micro-batch) gradients of n images each, seen by `BackwardGradNorms`
     before any all-reduce; the big batch is the update's gradient over kn images after it. The same images
-    give the same estimate whatever the split into ranks and micro-batches."""
+    give the same estimate whatever the split into ranks and micro-batches. The squared norms stay on the
+    device until the averages are read (a step record, the epoch line, a checkpoint): no host sync."""
 
     def __init__(self, engine, plan: BatchPlan, model, ema_decay: float, every_updates: int = 1):
+        super().__init__(plan.per_device_batch_size, plan.global_batch_size, ema_decay)
         self.engine, self.model, self.every_updates = engine, model, every_updates
-        self.micro_batch_size, self.global_batch_size = plan.per_device_batch_size, plan.global_batch_size
         self.pairs = plan.world_size * plan.accumulation_steps
         self.params = [p for p in engine.unwrap(model).parameters() if p.requires_grad]
-        self._tracker = GradientNoiseScale(ema_decay)
-        self._pending: list[torch.Tensor] = []  # [small sum, |G_big|^2] of measured updates not read yet
         self.norms = BackwardGradNorms(self.params)
         # global_batch_loss multiplies each micro-batch's per-sample mean by n x world_size / kn ("mean"
         # reduction) or n / kn ("sum"): undo it to get the squared norm of the n-image mean gradient.
@@ -82,31 +80,11 @@ class NoiseScaleMeter:
         loss_scale = plan.per_device_batch_size * ranks / plan.global_batch_size
         self.small_factor = 1.0 / (loss_scale ** 2 * self.pairs)
 
-    def record(self, small_sq_sum: torch.Tensor, big_sq_norm) -> None:
-        """Keep an applied update's squared norms where they are (on the device): they are read when the
-        averages are (`tracker`: a step record, the epoch line, a checkpoint), so measuring adds no host sync
-        to the update."""
+    def record_sums(self, small_sq_sum: torch.Tensor, big_sq_norm) -> None:
+        """An applied update's sum over its micro-batches of their loss-scaled squared gradient norms, and
+        the reduced gradient's squared norm (None where the engine could not read it)."""
         if big_sq_norm is not None:
-            self._pending.append(torch.stack([small_sq_sum.double(), torch.as_tensor(
-                big_sq_norm, dtype=torch.float64, device=small_sq_sum.device).reshape(())]))
-
-    @property
-    def tracker(self) -> GradientNoiseScale:
-        """The averages, with the updates recorded since the last read folded in, in order (one copy to the host)."""
-        if self._pending:
-            pending, self._pending = torch.stack(self._pending).tolist(), []
-            for small_sq_sum, big in pending:
-                small = small_sq_sum * self.small_factor
-                if math.isfinite(small) and math.isfinite(big):
-                    self._tracker.update(small, self.micro_batch_size, big, self.global_batch_size)
-        return self._tracker
-
-    def fields(self) -> dict:
-        """The step record's keys: B_simple in images, and the averaged |G|^2 and tr(Sigma) it divides."""
-        t = self.tracker
-        if not t.updates:
-            return {}
-        return {"noise_scale": t.b_simple, "noise_grad_sq": t.grad_sq, "noise_trace_sigma": t.trace_sigma}
+            self.record(small_sq_sum.double() * self.small_factor, big_sq_norm)
 
     def summary(self) -> str | None:
         """One line at an epoch's end: kn against the measured B_simple (the critical batch it approximates)."""
@@ -207,7 +185,7 @@ class TrainStep:
         if outcome.applied:
             self.scheduler.step()
             if noise is not None:
-                noise.record(outcome.reduced_sums[0], outcome.grad_sq_norm)
+                noise.record_sums(outcome.reduced_sums[0], outcome.grad_sq_norm)
         else:
             self.norm_statistics.restore()
         return UpdateResult(sums, lr, outcome.applied, indices)
