@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from goyal_recipe.metrics import read_jsonl
@@ -90,3 +91,28 @@ def parameters(run_dir):
     """The final parameter tensors of a run (BN running statistics left out)."""
     state = load_file(Path(run_dir) / "model.safetensors")
     return {k: v for k, v in state.items() if not k.endswith(BUFFERS)}
+
+
+def last_epoch_records(run_dir) -> dict:
+    """The last epoch record of each epoch, without clock fields (an epoch redone after a resume is logged twice)."""
+    last = {r["epoch"]: r for r in records(run_dir, "epoch")}
+    return {e: {k: v for k, v in r.items() if k not in ("time", "epoch_s")} for e, r in last.items()}
+
+
+def last_samples(run_dir, rank: int = 0) -> dict:
+    """{update: (epoch, indices)}: the last samples record of each update of a rank."""
+    return {r["update"]: (r["epoch"], r["indices"]) for r in read_jsonl(Path(run_dir) / f"samples_rank{rank}.jsonl")}
+
+
+def assert_same_run(run_dir, reference, samples: bool = True) -> None:
+    """Bit for bit: each update's loss, every tensor of the final weights (BN buffers too), the epoch records
+    and (with `samples`) the samples of every update."""
+    assert step_losses(run_dir) == step_losses(reference)
+    resumed, uninterrupted = load_file(Path(run_dir) / "model.safetensors"), load_file(Path(reference) / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+    assert last_epoch_records(run_dir) == last_epoch_records(reference)
+    if samples:
+        assert last_samples(run_dir) == last_samples(reference)
+

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from _loop import local_args, main_local, run_local
-from _runs import BUFFERS, EPOCHS, EXPECTED_LR, RECIPE, REPO, UPDATES_PER_EPOCH, records, samples_by_epoch, \
-    step_losses
+from _runs import BUFFERS, EPOCHS, EXPECTED_LR, RECIPE, REPO, UPDATES_PER_EPOCH, assert_same_run, records, \
+    samples_by_epoch, step_losses
 from goyal_recipe import Schedule
 from goyal_recipe.config import load_config
 from goyal_recipe.engines.base import Engine, LaunchError
@@ -38,35 +38,6 @@ def reference(data_root, tmp_path_factory):
     (all 6 kept)."""
     return run_local(data_root, tmp_path_factory.mktemp("reference"), "run",
                      **{"run.checkpoint_every_updates": 2, "run.keep_checkpoints": 6})
-
-
-def _epochs(run_dir):
-    """The last epoch record of each epoch, without clock fields (an epoch redone after a resume is logged twice)."""
-    last = {r["epoch"]: r for r in records(run_dir, "epoch")}
-    return {e: {k: v for k, v in r.items() if k not in ("time", "epoch_s")} for e, r in last.items()}
-
-
-def _samples(run_dir):
-    """{update: (epoch, indices)}, the last record of each update."""
-    import json
-
-    out = {}
-    for line in (Path(run_dir) / "samples_rank0.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["update"]] = (rec["epoch"], rec["indices"])
-    return out
-
-
-def assert_same_run(run_dir, reference):
-    """Bit for bit: each update's loss, every tensor of the final weights (BN buffers too), the epoch records
-    and the samples of every update."""
-    assert step_losses(run_dir) == step_losses(reference)
-    resumed, uninterrupted = load_file(run_dir / "model.safetensors"), load_file(reference / "model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for key, value in uninterrupted.items():
-        assert torch.equal(resumed[key], value), key
-    assert _epochs(run_dir) == _epochs(reference)
-    assert _samples(run_dir) == _samples(reference)
 
 
 def test_lr_per_update_epoch_records_and_checkpoint_cadence(reference):
