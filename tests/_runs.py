@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -115,4 +116,26 @@ def assert_same_run(run_dir, reference, samples: bool = True) -> None:
     assert last_epoch_records(run_dir) == last_epoch_records(reference)
     if samples:
         assert last_samples(run_dir) == last_samples(reference)
+
+
+def assert_lr_table(run_dir, world_size: int) -> list[dict]:
+    """The step records of a tiny run (one per update): the LR of every update is the schedule's at the
+    update's fractional epoch, equal to EXPECTED_LR, in the run's own header and in what lr.png draws."""
+    from goyal_recipe import Schedule
+    from goyal_recipe.report import schedule_points
+
+    schedule = Schedule(global_batch_size=16, base_lr=0.05, base_batch_size=4, warmup_epochs=1, milestones=(2,),
+                        epochs=EPOCHS)
+    steps = records(run_dir, "step")
+    assert [r["update"] for r in steps] == list(range(1, EPOCHS * UPDATES_PER_EPOCH + 1))
+    assert [r["lr"] for r in steps] == pytest.approx(EXPECTED_LR, rel=1e-12)
+    for r in steps:  # the LR used by update t (0-based) is Schedule.lr(t / updates_per_epoch)
+        assert r["lr"] == pytest.approx(schedule.lr((r["update"] - 1) / UPDATES_PER_EPOCH), rel=1e-12)
+        assert r["epoch"] == r["update"] / UPDATES_PER_EPOCH
+    header = records(run_dir, "run")
+    assert len(header) == 1 and (header[0]["updates_per_epoch"], header[0]["world_size"]) == \
+        (UPDATES_PER_EPOCH, world_size)
+    planned = schedule_points(run_dir, UPDATES_PER_EPOCH)  # from the saved config.yaml
+    assert [lr for _, lr in planned] == pytest.approx(EXPECTED_LR, rel=1e-12)
+    return steps
 

@@ -20,14 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from _loop import local_args, main_local, run_local
-from _runs import BUFFERS, EPOCHS, EXPECTED_LR, RECIPE, REPO, UPDATES_PER_EPOCH, assert_same_run, records, \
-    samples_by_epoch, step_losses
-from goyal_recipe import Schedule
+from _runs import BUFFERS, EXPECTED_LR, RECIPE, REPO, UPDATES_PER_EPOCH, assert_lr_table, assert_same_run, \
+    records, samples_by_epoch, step_losses
 from goyal_recipe.config import load_config
 from goyal_recipe.engines.base import Engine, LaunchError
 from goyal_recipe.engines.local import LocalEngine
 from goyal_recipe.progress import UpdateSums, checkpoint_due
-from goyal_recipe.report import schedule_points
 
 U = UPDATES_PER_EPOCH
 
@@ -41,17 +39,7 @@ def reference(data_root, tmp_path_factory):
 
 
 def test_lr_per_update_epoch_records_and_checkpoint_cadence(reference):
-    schedule = Schedule(global_batch_size=16, base_lr=0.05, base_batch_size=4, warmup_epochs=1, milestones=(2,),
-                        epochs=EPOCHS)
-    steps = records(reference, "step")
-    assert [r["update"] for r in steps] == list(range(1, EPOCHS * U + 1))
-    assert [r["lr"] for r in steps] == pytest.approx(EXPECTED_LR, rel=1e-12)
-    for r in steps:  # the LR used by update t (0-based) is Schedule.lr(t / updates_per_epoch)
-        assert r["lr"] == pytest.approx(schedule.lr((r["update"] - 1) / U), rel=1e-12)
-        assert r["epoch"] == r["update"] / U
-    header = records(reference, "run")
-    assert len(header) == 1 and (header[0]["updates_per_epoch"], header[0]["world_size"]) == (U, 1)
-    assert [lr for _, lr in schedule_points(reference, U)] == pytest.approx(EXPECTED_LR, rel=1e-12)
+    assert_lr_table(reference, world_size=1)
     epochs = records(reference, "epoch")
     assert [(r["epoch"], r["update"], r["val_images"], r["skipped_updates"]) for r in epochs] == [
         (1, 4, 20, 0), (2, 8, 20, 0), (3, 12, 20, 0)]

@@ -10,11 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from _loop import run_local
-from _runs import EPOCHS, EXPECTED_LR, UPDATES_PER_EPOCH, overrides, parameters, records, samples_by_epoch, \
-    step_losses, train
-from goyal_recipe import Schedule
+from _runs import EPOCHS, assert_lr_table, overrides, parameters, records, samples_by_epoch, step_losses, train
 from goyal_recipe.progress import UpdateSums
-from goyal_recipe.report import schedule_points
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +27,7 @@ def runs(data_root, tmp_path_factory):
 
 def test_two_processes_lr_coverage_and_exact_validation(runs):
     run_dir = runs / "two_procs"
-    schedule = Schedule(global_batch_size=16, base_lr=0.05, base_batch_size=4, warmup_epochs=1, milestones=(2,),
-                        epochs=EPOCHS)
-    steps = records(run_dir, "step")
-    assert [r["update"] for r in steps] == list(range(1, EPOCHS * UPDATES_PER_EPOCH + 1))
-    assert [r["lr"] for r in steps] == pytest.approx(EXPECTED_LR, rel=1e-12)
-    for r in steps:  # the LR used by update t (0-based) is Schedule.lr(t / updates_per_epoch)
-        assert r["lr"] == pytest.approx(schedule.lr((r["update"] - 1) / UPDATES_PER_EPOCH), rel=1e-12)
-    header = records(run_dir, "run")[0]
-    assert header["updates_per_epoch"] == UPDATES_PER_EPOCH and header["world_size"] == 2
-    planned = schedule_points(run_dir, header["updates_per_epoch"])  # what lr.png draws, from the saved config.yaml
-    assert [lr for _, lr in planned] == pytest.approx(EXPECTED_LR, rel=1e-12)
+    steps = assert_lr_table(run_dir, world_size=2)
     one_proc = records(runs / "one_proc", "step")
     assert [r["lr"] for r in steps] == pytest.approx([r["lr"] for r in one_proc], rel=1e-12)
 
