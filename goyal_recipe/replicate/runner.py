@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their settings, train nothing")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the runs' metrics")
     args = parser.parse_args(argv)
-    import torch
+    from ..provenance import describe_machine, machine_info, utc_now, versions
 
     mode = MODES[args.mode]
     runs = build_runs(args.mode, args.runs_dir, args.seeds)
@@ -116,8 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: give the number of runs to train at once (1 or more)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    jobs = args.jobs or (1 if torch.cuda.is_available() else cores)
+    machine = machine_info()
+    cores = machine["usable_cores"] or 1
+    jobs = args.jobs or (1 if machine["gpu"] else cores)
     start = time.time()
     failed = []
     try:
@@ -129,15 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = collect(args.mode, runs)
     except OSError as e:
         raise ConfigError(f"{e}; check the paths given by --runs-dir and --out") from None
-    from ..provenance import describe_machine, machine_info, utc_now, versions
-
     out_dir = args.out or Path("docs") / "replication" / args.mode
     command = "goyal-replicate " + " ".join(argv if argv is not None else sys.argv[1:])
     previous = out_dir / "results.json"
     if args.report_only and previous.is_file():  # redrawn: the provenance stays that of the training
         provenance = json.loads(previous.read_text())["provenance"]
     else:
-        provenance = {"command": command.strip(), "machine": describe_machine(machine_info()), "date": utc_now(),
+        provenance = {"command": command.strip(), "machine": describe_machine(machine), "date": utc_now(),
                       "duration_s": None if args.report_only else time.time() - start, "jobs": jobs,
                       "train_s": sum(r["train_s"] or 0.0 for r in records), "versions": versions(),
                       "scale": describe_scale(args.mode, runs)}
