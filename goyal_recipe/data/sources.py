@@ -17,7 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from .bad_images import BadImageError  # noqa: F401  (goyal_recipe.data.sources.BadImageError is public)
 from .hf import HFSource
 from .images import EncodedImage, read_bytes
-from .parquet import HF_SPLITS, ParquetSource, find_split_files, parquet_error
+from .parquet import HF_SPLITS, ClassList, ParquetSource, find_split_files, parquet_error
 
 KINDS = ("imagefolder", "parquet", "hf")
 _FOLDER_SPLITS = {"train": ("train",), "val": ("val", "validation"), "validation": ("val", "validation")}
@@ -30,7 +30,7 @@ def _folder_error(problem: str, root) -> FileNotFoundError:
     )
 
 
-class ImageFolderSource:
+class ImageFolderSource(ClassList):
     """ImageNet folder layout ``root_split_dir/<synset>/<image>``; labels follow sorted synsets.
 
     Files are found as torchvision's ImageFolder finds them (its `find_classes` and `make_dataset`).
@@ -41,16 +41,12 @@ class ImageFolderSource:
         if not root.is_dir():
             raise _folder_error(f"image folder {root} does not exist", root.parent)
         try:
-            self.classes, self.class_to_idx = find_classes(root)
-            self.samples = make_dataset(str(root), self.class_to_idx, extensions=IMG_EXTENSIONS)
+            self.classes, class_to_idx = find_classes(root)
+            self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
         except FileNotFoundError:
             raise _folder_error(f"{root} has no class folders, or a class folder without images", root.parent) from None
         self.root = str(root)
         self.targets = [label for _, label in self.samples]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def __len__(self) -> int:
         return len(self.samples)
