@@ -111,6 +111,9 @@ class Trainer:
         self.progress.load_state_dict(state["progress"])
         saved_world_size = int(state["world_size"])
         if saved_world_size == engine.world_size:
+            if mine is None:
+                raise CheckpointError(f"{path} lacks rank{engine.rank}.pt, written by every one of its "
+                                      f"{saved_world_size} ranks; resume from another checkpoint (run.resume=PATH)")
             self.progress.add_sums(mine["progress"])
         elif engine.is_main:  # the saved ranks' running sums, summed onto rank 0: the epoch's totals stay right
             for rank in range(saved_world_size):

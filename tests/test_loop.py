@@ -163,6 +163,16 @@ def test_interrupted_checkpoint_writes_are_ignored(reference, data_root, tmp_pat
     assert_same_run(run_dir, reference)
 
 
+def test_a_checkpoint_missing_its_rank_file_is_refused(reference, data_root, tmp_path, capsys):
+    """A complete checkpoint of the same world size whose rank file is gone: one line naming it, no traceback."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "update_000000006"
+    shutil.copytree(reference / "checkpoints" / "update_000000006", checkpoint)
+    (checkpoint / "rank0.pt").unlink()
+    assert main_local(data_root, tmp_path, "run", **{"run.resume": "auto"}) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "lacks rank0.pt, written by every one of its 1 ranks" in err
+
+
 def test_sigkill_at_a_random_update_then_resume(reference, data_root, tmp_path):
     """The run as its own process (engine=local), SIGKILLed at a random update, then resumed: the same run."""
     from test_faults_train import wait_for_update
