@@ -160,9 +160,11 @@ class LoopRecipe:
             raise UserError("make the scheduler (recipe.make_scheduler or prepare) before loading the recipe's state")
         if state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self._noise_state = state.get("noise_scale")  # for the meter `watch` attaches, if not yet there
-        if self.noise_scale is not None and self._noise_state is not None:
-            self.noise_scale.load_state_dict(self._noise_state)
+        noise = state.get("noise_scale")
+        if self.noise_scale is not None and noise is not None:
+            self.noise_scale.load_state_dict(noise)
+        else:
+            self._noise_state = noise  # for the meter `watch` attaches, if not yet there
         epoch, start = self.position()
         self.sampler._resume = (epoch, start)
         self.sampler.set_epoch(epoch)
@@ -212,14 +214,17 @@ class LoopRecipe:
             scheduler=scheduler if scheduler is not None else self.scheduler, sampler=sampler, allow=self.allow,
             fix_loss=self.fix_loss, on_remove=on_remove)
         if self.noise_scale_every_updates is not None:
+            # A resumed state is loaded once; a second watch carries the running meter's averages over.
+            carried, self._noise_state = self._noise_state, None
             if self.noise_scale is not None:
+                carried = self.noise_scale.state_dict()
                 self.noise_scale.remove()
             self.noise_scale = LoopNoiseScale(
                 unwrap_model(model).parameters(), micro_batch_size=self.per_device_batch_size,
                 global_batch_size=self.global_batch_size, world_size=self.world_size,
                 every_updates=self.noise_scale_every_updates, grad_scaler=self._grad_scaler()).attach(optimizer)
-            if self._noise_state is not None:
-                self.noise_scale.load_state_dict(self._noise_state)
+            if carried is not None:
+                self.noise_scale.load_state_dict(carried)
         return self.check
 
     def _grad_scaler(self):
