@@ -307,3 +307,51 @@ def test_loop_meter_measures_chosen_updates_from_the_loops_own_gradients():
         LoopNoiseScale(model.parameters(), micro_batch_size=12, global_batch_size=12)
     with pytest.raises(UserError, match="not a whole number of micro-batches"):
         LoopNoiseScale(model.parameters(), micro_batch_size=5, global_batch_size=12)
+
+
+def test_loop_recipe_watch_again_keeps_the_running_noise_averages():
+    """A second `watch()` carries the meter's averages on (it restarted from nothing), and a resumed state is
+    loaded by the first watch only (every later watch rewound the averages to the checkpoint)."""
+    from goyal_recipe.integrations import LoopRecipe
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    data = [(torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(8)]
+    schedule = Schedule(global_batch_size=8, base_batch_size=8, warmup="none", decay="none", epochs=1)
+
+    def new_recipe():
+        return LoopRecipe(schedule, num_samples=32, per_device_batch_size=4, world_size=1, rank=0,
+                          split_in_sampler=True, bn_group_size=None, noise_scale_every_updates=1)
+
+    def watch(recipe, optimizer):
+        recipe.watch(model, optimizer)
+        recipe.check.remove()  # the meter alone: this loop is not the recipe's (no sampler, no recipe loss)
+
+    def update(optimizer, k):  # 2 micro-batches of 4 = kn
+        for x, y in data[2 * k:2 * k + 2]:
+            (nn.functional.cross_entropy(model(x), y) / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def seen(recipe):
+        state = recipe.noise_scale.state_dict()
+        return state["updates_seen"], state["tracker"]["updates"]
+
+    recipe, optimizer = new_recipe(), torch.optim.SGD(model.parameters(), lr=0.01)
+    watch(recipe, optimizer)
+    update(optimizer, 0), update(optimizer, 1)
+    saved = recipe.state_dict()
+    assert seen(recipe) == (2, 2)
+    watch(recipe, optimizer)
+    assert recipe.noise_scale.state_dict() == saved["noise_scale"]
+    update(optimizer, 2)
+    assert seen(recipe) == (3, 3)
+
+    resumed, optimizer = new_recipe(), torch.optim.SGD(model.parameters(), lr=0.01)
+    resumed.make_scheduler(optimizer)
+    resumed.load_state_dict(saved)
+    watch(resumed, optimizer)
+    assert seen(resumed) == (2, 2)
+    update(optimizer, 2)
+    watch(resumed, optimizer)
+    assert seen(resumed) == (3, 3)
