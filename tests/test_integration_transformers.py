@@ -199,11 +199,16 @@ def test_resume_through_trainer_checkpoints_keeps_lr_and_data(trainer_runs):
     from safetensors.torch import load_file
 
     checkpoint = trainer_runs / "example_run" / "checkpoint-2"
-    assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["updates_done"] == 2
+    scheduler_state = torch.load(checkpoint / "scheduler.pt", weights_only=True)
+    assert scheduler_state["updates_done"] == 2
+    assert scheduler_state["noise_scale"]["updates_seen"] == 2 and scheduler_state["noise_scale"]["tracker"]["updates"] == 2
     uninterrupted, resumed = _ranks(trainer_runs / "example"), _ranks(trainer_runs / "resumed")
     for before, after in zip(uninterrupted, resumed):
         assert after["lr"] == pytest.approx(_expected_lr(EPOCHS * UPDATES_PER_EPOCH), rel=1e-12)
         assert after["read"] == before["read"][2 * STEPS * N:]  # continues at update 2's first sample
+        # Trainer's resumed log history holds updates 1-2 from the checkpoint; the noise-scale averages logged after
+        # them continue the checkpoint's (restarted, update 3 would log its own estimate alone).
+        check_noise_scale(after["noise"][2:], before["noise"][2:], rel=1e-4)
     reference = load_file(trainer_runs / "example" / "model.safetensors")
     other = load_file(trainer_runs / "resumed" / "model.safetensors")
     for name, value in reference.items():

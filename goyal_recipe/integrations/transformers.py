@@ -22,7 +22,8 @@ What it changes in Trainer's defaults, and why:
 - Noise scale (`noise_scale_every_updates`): the gradient noise scale B_simple of McCandlish et al.
   2018 from the micro-batch gradients before the all-reduce and the update's after it, no extra pass,
   added to Trainer's own training logs (`noise_scale`, `noise_grad_sq`, `noise_trace_sigma`; every
-  logger and `state.log_history` see them). Its averages start again after a resume.
+  logger and `state.log_history` see them). The averages are saved in Trainer's `scheduler.pt` with the
+  schedule's update count, so a resume from a Trainer checkpoint continues them.
 
 At the first update the recipe audit runs on what Trainer assembled (optimizer, scheduler, loader) and
 a silent departure stops the run with a one-line `RecipeMismatch`. Checkpoints are Trainer's own:
@@ -100,6 +101,7 @@ class GoyalTrainer(Trainer):
         self._loss_checked = False
         self.noise_scale_every_updates = noise_scale_every_updates
         self.noise_scale: LoopNoiseScale | None = None
+        self._resumed_noise_state: dict | None = None  # from scheduler.pt, for the meter of the next train()
         if noise_scale_every_updates is not None and self.is_deepspeed_enabled:
             raise UserError("GoyalTrainer measures the noise scale on Trainer's own DDP loop, not under DeepSpeed; "
                             "drop noise_scale_every_updates, or use integrations.deepspeed.measure_noise_scale")
@@ -138,8 +140,8 @@ class GoyalTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = GoyalLR(self.optimizer if optimizer is None else optimizer, self.schedule,
-                                        self.updates_per_epoch)
+            self.lr_scheduler = _TrainerGoyalLR(self.optimizer if optimizer is None else optimizer, self.schedule,
+                                                self.updates_per_epoch, trainer=self)
             self._created_lr_scheduler = True  # Trainer rebuilds a scheduler it created on the next train()
         return self.lr_scheduler
 
@@ -190,6 +192,27 @@ class GoyalTrainer(Trainer):
                 "it", True)])
 
 
+class _TrainerGoyalLR(GoyalLR):
+    """GoyalLR whose state, Trainer's `scheduler.pt`, also holds the noise-scale averages: Trainer saves and
+    loads the scheduler with every checkpoint through the public `state_dict` protocol, in every version, and
+    loads it before `on_train_begin`, where the meter is built and takes the loaded averages."""
+
+    def __init__(self, optimizer, schedule: Schedule, updates_per_epoch: int, *, trainer: GoyalTrainer):
+        super().__init__(optimizer, schedule, updates_per_epoch)
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.trainer.noise_scale is not None:
+            state["noise_scale"] = self.trainer.noise_scale.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        self.trainer._resumed_noise_state = state.pop("noise_scale", None)
+        super().load_state_dict(state)
+
+
 class _RecipeAudit(TrainerCallback):
     """At train begin (optimizer, scheduler and loader prepared, checkpoint loaded): arm the first-update audit."""
 
@@ -219,6 +242,9 @@ class _RecipeAudit(TrainerCallback):
                 model.parameters(), micro_batch_size=n, global_batch_size=kn, world_size=world,
                 every_updates=trainer.noise_scale_every_updates,
                 grad_scaler=trainer.accelerator.scaler).attach(optimizer)
+            if trainer._resumed_noise_state is not None:
+                trainer.noise_scale.load_state_dict(trainer._resumed_noise_state)
+        trainer._resumed_noise_state = None
         FirstUpdateCheck(optimizer, global_batch_size=kn, world_size=world, grad_reduction="mean", static=static,
                          scheduler=lr_scheduler, sampler=trainer.recipe_sampler,
                          data_skipped=skipped_batches * n * world, allow=trainer.allow,
