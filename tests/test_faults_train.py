@@ -127,7 +127,7 @@ def test_collective_timeout_without_a_launcher(data_root, tmp_path, engine, stop
     assert returncode != 0
     if stop == signal.SIGSTOP:
         # rank 0 may have been waiting up to an update longer than the signal is old
-        assert timeout_s - 5 < waited_s < timeout_s + 15, waited_s
+        assert timeout_s - 5 < waited_s < timeout_s + 30, waited_s  # the teardown is slow on a loaded machine
         assert f"Timed out waiting {timeout_s * 1000}ms" in logs[0].read_text()
     else:
         assert waited_s < timeout_s, waited_s
