@@ -5,8 +5,9 @@ malloc serves blocks above its mmap threshold (128 kB, adapting up to 32 MB) wit
 and returns them to the kernel on free, and trims the top of the heap: each update then pays the
 page faults and zero-filling of most of its memory again, about 9 % of a ResNet-18 update at 64 px
 on a 2-core CPU. Raising both thresholds keeps that memory mapped for the next update. The cost
-is that the process keeps its peak heap size until it exits, which a training process reaches in
-its first update anyway.
+is that the process keeps its peak heap size until `release_freed_memory` or its exit; a training
+process reaches that peak in its first update anyway, and releases it once training is over, before
+the exports whose memory would otherwise come on top of it.
 """
 
 from __future__ import annotations
@@ -43,3 +44,19 @@ def keep_freed_memory() -> bool:
     settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
                 (_M_TOP_PAD, TOP_PAD_BYTES))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def release_freed_memory() -> bool:
+    """Return the freed memory `keep_freed_memory` kept to the kernel (glibc's `malloc_trim(0)`).
+
+    Returns whether the call exists; False off glibc, where nothing was kept.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim(0)
+    return True

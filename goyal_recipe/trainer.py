@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_state, read_torch, save_checkpoint
 from .config import BatchPlan, ConfigError, RecipeConfig, dump_config, plan_batches
-from .cpu_memory import keep_freed_memory
+from .cpu_memory import keep_freed_memory, release_freed_memory
 from .data.pipeline import build_data
 from .engines import make_engine
 from .engines.base import TrainingDiverged
@@ -64,7 +64,8 @@ class Trainer:
         if cfg.model.bn == "sync" and engine.world_size > 1 and engine.device.type != "cuda":
             raise ConfigError("model.bn=sync needs CUDA devices (torch's SyncBatchNorm); "
                               "use model.bn=ghost, the paper's per-worker statistics, on this machine")
-        if cfg.run.keep_freed_cpu_memory and engine.device.type == "cpu":
+        self.keeps_freed_memory = cfg.run.keep_freed_cpu_memory and engine.device.type == "cpu"
+        if self.keeps_freed_memory:
             keep_freed_memory()
         self.run_dir = cfg.run_dir
         torch.manual_seed(cfg.run.seed)
@@ -266,6 +267,8 @@ class Trainer:
         self.samples.close()
         self.trackers.close()
         engine.barrier()
+        if self.keeps_freed_memory:
+            release_freed_memory()  # training's kept memory: the exports' would come on top of it
         if engine.is_main and self.update >= self.total_updates:
             save_file(model_state(engine, self.model), self.run_dir / "model.safetensors", metadata={"format": "pt"})
             self._print(f"weights: {self.run_dir / 'model.safetensors'}")

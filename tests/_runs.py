@@ -38,8 +38,10 @@ def overrides(data_root, run_dir, name, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def train(args, launcher="python", expect_ok=True, cpu=True, extra_env=None):
-    """launcher: python (1 process), accelerate (2 processes), deepspeed (2 processes), accelerate-deepspeed."""
+def train(args, launcher="python", expect_ok=True, cpu=True, extra_env=None, log=None):
+    """launcher: python (1 process), accelerate (2 processes), deepspeed (2 processes), accelerate-deepspeed.
+    `log`: a file for stdout and stderr instead of a pipe, so that the call returns when the launched process
+    exits rather than when the last process holding the pipe (a loader worker) closes it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra_env or {}))
     if cpu:
         env.update(ACCELERATE_USE_CPU="1", DS_ACCELERATOR="cpu")
@@ -55,7 +57,12 @@ def train(args, launcher="python", expect_ok=True, cpu=True, extra_env=None):
         cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", *module[1:]]
     else:
         raise ValueError(launcher)
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if log is None:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    else:
+        with open(log, "w") as out:
+            proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        proc.stdout, proc.stderr = Path(log).read_text(), ""
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 PROBE = textwrap.dedent("""
-    import ctypes, json, sys, torch
-    from goyal_recipe.cpu_memory import keep_freed_memory
+    import ctypes, json, re, sys, torch
+    from goyal_recipe.cpu_memory import keep_freed_memory, release_freed_memory
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -29,9 +29,14 @@ PROBE = textwrap.dedent("""
         del blocks
         return alive
 
+    def rss():
+        return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) << 10
+
     alive = update()
     freed = mallinfo2()
-    print(json.dumps({"mapped_alive": alive.hblkhd, "heap_freed": freed.arena}))
+    rss_kept = rss()
+    assert release_freed_memory() is True
+    print(json.dumps({"mapped_alive": alive.hblkhd, "heap_freed": freed.arena, "released": rss_kept - rss()}))
 """)
 MB = 1 << 20
 
@@ -54,3 +59,6 @@ def test_keep_freed_memory_serves_blocks_from_the_heap_and_keeps_them():
     # whether some of them land on pages not yet touched, varies from run to run.)
     assert kept["mapped_alive"] < 30 * MB
     assert kept["heap_freed"] >= 90 * MB
+    # Released once training is over: the kept blocks leave the process's resident memory.
+    assert kept["released"] >= 80 * MB
+    assert default["released"] < 10 * MB  # nothing was kept

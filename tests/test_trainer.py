@@ -4,6 +4,7 @@ The loop's single-process rules are in test_loop.py."""
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,12 +114,29 @@ def test_quickstart_learns(tmp_path, image_size):
     args = [f"run.output_dir={tmp_path}", "run.resume=none", "optim.epochs=4", "optim.warmup_epochs=2",
             "optim.milestones=[3]", f"data.root={tmp_path / 'data'}", "data.generate.train_per_class=100",
             "data.generate.val_per_class=20", "run.plots=true", f"data.image_size={image_size}"]
-    proc = train(args)
+    mark = f"quickstart-{os.getpid()}-{image_size}"
+    proc = train(args, extra_env={"GOYAL_TEST_RUN": mark}, log=tmp_path / "train.log")
     last = records(tmp_path / "quickstart", "epoch")[-1]
     assert last["val_images"] == 200
     assert last["val_top1_error"] < 70, proc.stdout[-2000:]
     assert last["val_top5_error"] < 20, proc.stdout[-2000:]
     assert {p.name for p in (tmp_path / "quickstart" / "plots").iterdir()} >= {"error.png", "lr.png"}
+    # The process ends without the interpreter's finalisation (cli._exit_finished): its output is complete and
+    # its 2 loader workers are gone when it is.
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("plot: "), proc.stdout[-500:]
+    assert not _processes_with_env(f"GOYAL_TEST_RUN={mark}".encode())
+
+
+def _processes_with_env(entry: bytes) -> list[int]:
+    """Pids of live processes whose environment holds `entry` (KEY=value)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
 
 
 # --- Two processes killed and resumed: every piece of rank-local state survives a checkpoint ------------------
