@@ -26,6 +26,16 @@ TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes a C int: the largest, i.e. nev
 TOP_PAD_BYTES = 64 << 20  # grow the heap in steps of this size, fewer brk calls
 
 
+def _glibc(name: str):
+    """The C library's function `name`, or None off Linux or where the C library lacks it (musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
 
@@ -33,11 +43,8 @@ def keep_freed_memory() -> bool:
     it took effect: False where the C library has no glibc `mallopt` (macOS, Windows, musl),
     where nothing is changed.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
@@ -51,11 +58,8 @@ def release_freed_memory() -> bool:
 
     Returns whether the call exists; False off glibc, where nothing was kept.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes = (ctypes.c_size_t,)
     malloc_trim(0)
