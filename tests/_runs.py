@@ -38,10 +38,11 @@ def overrides(data_root, run_dir, name, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def train(args, launcher="python", expect_ok=True, cpu=True, extra_env=None, log=None):
+def train(args, launcher="python", expect_ok=True, cpu=True, extra_env=None, log=None, port=None):
     """launcher: python (1 process), accelerate (2 processes), deepspeed (2 processes), accelerate-deepspeed.
     `log`: a file for stdout and stderr instead of a pipe, so that the call returns when the launched process
-    exits rather than when the last process holding the pipe (a loader worker) closes it."""
+    exits rather than when the last process holding the pipe (a loader worker) closes it. `port`: the deepspeed
+    launcher's master port (a free one if None)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra_env or {}))
     if cpu:
         env.update(ACCELERATE_USE_CPU="1", DS_ACCELERATOR="cpu")
@@ -54,7 +55,7 @@ def train(args, launcher="python", expect_ok=True, cpu=True, extra_env=None, log
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / config[launcher]),
                *module]
     elif launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", *module[1:]]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port or free_port()), "--module", *module[1:]]
     else:
         raise ValueError(launcher)
     if log is None:

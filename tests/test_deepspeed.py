@@ -1,14 +1,17 @@
 """engine=deepspeed: the same run as one process of the recipe's reference (engine=local, accelerate's maths on one
 process) under the deepspeed launcher and accelerate's DeepSpeed plugin, non-finite updates included."""
 
+import glob
 import json
+import os
 import shutil
 
 import pytest
 import torch
 
 from _loop import run_local
-from _runs import EPOCHS, EXPECTED_LR, REPO, overrides, parameters, records, samples_by_epoch, step_losses, train
+from _runs import (EPOCHS, EXPECTED_LR, REPO, free_port, overrides, parameters, records, samples_by_epoch, step_losses,
+                   train)
 from goyal_recipe.config import ConfigError, load_config
 
 pytest.importorskip("deepspeed")
@@ -27,7 +30,8 @@ def ds_runs(data_root, tmp_path_factory):
     checkpoint of every 2 updates."""
     out = tmp_path_factory.mktemp("ds_runs")
     run_local(data_root, out, "reference", **NAN)
-    train(overrides(data_root, out, "zero0", engine="deepspeed", **NAN), launcher="deepspeed")
+    (out / "port").write_text(str(port := free_port()))
+    train(overrides(data_root, out, "zero0", engine="deepspeed", **NAN), launcher="deepspeed", port=port)
     train(overrides(data_root, out, "zero1", **{"engine": "deepspeed", "deepspeed.zero_stage": 1, **NAN,
                                                 "run.checkpoint_every_updates": 2, "run.keep_checkpoints": 6}))
     return out
@@ -42,6 +46,13 @@ def test_deepspeed_launcher_lr_coverage_and_validation(ds_runs):
     for seen in by_epoch.values():
         assert sorted(seen) == list(range(64))  # each sample once per epoch across both ranks
     assert [r["val_images"] for r in records(run_dir, "epoch")] == [20] * EPOCHS
+
+
+def test_deepspeed_cpu_shared_memory_is_removed_at_the_end(ds_runs):
+    """DeepSpeed's CPU all-reduce makes a /dev/shm buffer per rank (66 MB) that it never removes; the engine's
+    end removes it."""
+    port = (ds_runs / "port").read_text()
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
 @pytest.mark.parametrize("run", ["zero0", "zero1"])
