@@ -16,8 +16,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
-# The longest files first (by their time in a run on 2 cores): xdist hands out files in this order (--no-loadscope-reorder),
-# and a long file handed out last would leave one worker running it alone at the end.
+# The longest files first (by their time in a run on 2 cores): xdist hands out files in this order
+# (--no-loadscope-reorder), and a long file handed out last would leave one worker running it alone at the end.
 LONG_FILES_FIRST = ("test_trainer.py", "test_faults_train.py", "test_deepspeed.py", "test_integration_transformers.py",
                     "test_benchmarks.py", "test_integration_accelerate.py", "test_loop.py",
                     "test_integration_deepspeed.py", "test_bn.py", "test_config_errors.py", "test_launch_configs.py",
