@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DeepSpeed compiles its CPU all-reduce op (deepspeed_shm_comm) the first time a process group starts on the
+# CPU, about 2 min on 2 cores, and again whenever the environment's path changes. It is built into the
+# environment when it is installed, so that no test's time window includes the build.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: run test test-all clean
 
@@ -11,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,deepspeed,transformers]'
+	DS_ACCELERATOR=cpu $(BIN)/python -c "import deepspeed.ops; from deepspeed.accelerator import get_accelerator; \
+		op = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
+		op is not None and deepspeed.ops.__compatible_ops__.get(op.NAME, False) and op.load()"
 	touch $(STAMP)
 
 run: $(STAMP)
