@@ -15,9 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,deepspeed,transformers]'
-	DS_ACCELERATOR=cpu $(BIN)/python -c "import deepspeed.ops; from deepspeed.accelerator import get_accelerator; \
-		op = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
-		op is not None and deepspeed.ops.__compatible_ops__.get(op.NAME, False) and op.load()"
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -73,9 +73,9 @@ def _exit_finished(code: int):
 
     The exit handlers run first (DataLoader workers are stopped, logs and streams flushed); what is
     skipped is the interpreter's finalisation: a last garbage collection over every object and the
-    static destructors of torch's libraries, which on the CUDA build of torch take about 2 s and touch
-    66 to 120 MB that training never held, so that a run's peak memory would be its exit (measured in
-    benchmarks/README.md, "End to end against timm"). Every file of the run is closed before this.
+    static destructors of torch's libraries, which on the CUDA build of torch took 2.1 to 3.0 s and touched
+    66 to 117 MiB that training never held (six runs), so that a run's peak memory would be its exit
+    (measured in benchmarks/README.md, "End to end against timm"). Every file of the run is closed before this.
     """
     atexit._run_exitfuncs()
     sys.stdout.flush()

@@ -3,7 +3,6 @@ process) under the deepspeed launcher and accelerate's DeepSpeed plugin, non-fin
 
 import glob
 import json
-import os
 import shutil
 
 import pytest
@@ -50,9 +49,9 @@ def test_deepspeed_launcher_lr_coverage_and_validation(ds_runs):
 
 def test_deepspeed_cpu_shared_memory_is_removed_at_the_end(ds_runs):
     """DeepSpeed's CPU all-reduce makes a /dev/shm buffer per rank (66 MB) that it never removes; the engine's
-    end removes it."""
+    end removes it. Any file there named with the launcher run's port counts, whatever DeepSpeed calls it."""
     port = (ds_runs / "port").read_text()
-    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+    assert not glob.glob(f"/dev/shm/*_{port}_*")
 
 
 @pytest.mark.parametrize("run", ["zero0", "zero1"])
