@@ -131,7 +131,8 @@ def test_sbatch_runs_one_launch_per_node_with_its_rank(tmp_path):
     log = tmp_path / "launches.jsonl"
     _stub(bin_dir, "scontrol", """\
         [[ "$1 $2" == "show hostnames" ]] || exit 2
-        printf 'gpu-a01\\ngpu-a02\\ngpu-a03\\ngpu-a04\\n'
+        # one line at a time, as a long list comes: a reader that stops after the first kills this with SIGPIPE
+        for host in gpu-a01 gpu-a02 gpu-a03 gpu-a04; do echo "$host"; sleep 0.05; done
     """)
     _stub(bin_dir, "srun", """\
         while [[ "$1" == -* ]]; do shift; done       # options are all --key=value
