@@ -60,7 +60,7 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="= the global batch kn of the update")
     p.add_argument("--bn-group-size", type=int, default=32)
     p.add_argument("--ghost-bn-layout", choices=LAYOUTS, default="auto",
-                   help="GhostBatchNorm2d layout (auto: per_group on CPU, packed on GPU)")
+                   help="GhostBatchNorm2d layout (auto: per_group)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--channels-last", action="store_true", help="model and batch in channels_last memory format")

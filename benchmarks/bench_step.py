@@ -43,6 +43,9 @@ def parse(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=256, help="per-device batch = global batch (one micro-batch)")
     p.add_argument("--bn-group-size", type=int, default=32, help="ghost BN group of the trainer variant")
+    p.add_argument("--bn", choices=("ghost", "per_device"), default="ghost", help="the trainer variant's model.bn")
+    p.add_argument("--bn-layout", choices=("auto", "per_group", "packed"), default="auto",
+                   help="how the trainer variant's ghost BN computes its groups (goyal_recipe.bn.GhostBatchNorm2d)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--memory-format", choices=("nchw", "channels_last"), default="nchw")
@@ -83,7 +86,7 @@ def trainer_step(args, batch, workdir):
 
     cfg = RecipeConfig.model_validate({
         "run": {"name": "bench_step", "output_dir": str(workdir), "plots": False},
-        "model": {"name": args.model, "bn": "ghost", "bn_group_size": args.bn_group_size,
+        "model": {"name": args.model, "bn": args.bn, "bn_group_size": args.bn_group_size,
                   "precision": args.precision, "channels_last": args.memory_format == "channels_last",
                   "compile": args.compile},
         "batch": {"global_batch_size": args.batch_size, "per_device_batch_size": args.batch_size},
@@ -96,6 +99,12 @@ def trainer_step(args, batch, workdir):
     model, optimizer, scheduler = build_training(cfg, engine, plan, args.num_classes,
                                                  IMAGENET_TRAIN_IMAGES // plan.global_batch_size)
     model.train()
+    if args.bn_layout != "auto":
+        from goyal_recipe.bn import GhostBatchNorm2d
+
+        for module in model.modules():
+            if isinstance(module, GhostBatchNorm2d):
+                module.layout = args.bn_layout
     train_step = TrainStep(cfg, engine, plan, model, optimizer, scheduler)
 
     def step():

@@ -16,52 +16,18 @@ running loop shows (the samples and loss weights of the update, the LR and data 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.utils.data import SequentialSampler
 
-from .errors import RecipeMismatch
+from .audit_model import bn_findings, checkpoint_findings, weight_decay_findings
+from .findings import Finding, allowed, refuse_silent  # noqa: F401 (the audit's public names)
 from .loop_parts import LoaderParts, _sampler_replicas, loader_parts, unwrap_model, unwrap_scheduler
-from .lr import GoyalLR, _innermost_optimizer
-from .optim import _is_norm
+from .lr import GoyalLR
 from .sampler import EpochShuffleSampler
 from .schedule import Schedule, scaled_lr
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str  # stable snake_case id
-    message: str  # one line: where the loop departs from the paper, and the fix
-    silent: bool  # changes the update with no other symptom: the integrations refuse it
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-def refuse_silent(findings: list[Finding]) -> None:
-    """Raise `RecipeMismatch` naming the first silent finding (and the codes of the others); no-op if none."""
-    silent = [f for f in findings if f.silent]
-    if not silent:
-        return
-    more = f" (and {len(silent) - 1} more: {', '.join(f.code for f in silent[1:])})" if len(silent) > 1 else ""
-    raise RecipeMismatch(f"{silent[0]}{more}")
-
-
-def allowed(findings: list[Finding], allow: Iterable[str]) -> list[Finding]:
-    """The findings with those whose code is in `allow` kept as reported, not refused."""
-    allow = set(allow)
-    return [dataclasses.replace(f, silent=False) if f.code in allow else f for f in findings]
-
-
-def _names(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,7 +65,7 @@ def audit(*, model: nn.Module | None = None, optimizer=None, scheduler=None, sam
     inner_model = unwrap_model(model) if model is not None else None
 
     if optimizer is not None and inner_model is not None:
-        findings += _weight_decay_findings(inner_model, optimizer, bias_weight_decay)
+        findings += weight_decay_findings(inner_model, optimizer, bias_weight_decay)
     if global_batch_size is not None and real_kn is not None and global_batch_size != real_kn:
         findings.append(Finding(
             "batch_mismatch",
@@ -108,7 +74,7 @@ def audit(*, model: nn.Module | None = None, optimizer=None, scheduler=None, sam
     findings += _schedule_findings(schedule, scheduler, goyal, optimizer, real_kn, world_size, n, accumulation_steps)
     findings += _data_findings(sampler, parts, world_size, kn, accumulation_steps, n, goyal, loader, fix_loader)
     if inner_model is not None:
-        findings += _bn_findings(inner_model, bn_group_size, n, fresh_start, goyal)
+        findings += bn_findings(inner_model, bn_group_size, n, fresh_start, goyal)
     if grad_clip_norm:
         findings.append(Finding(
             "grad_clipping",
@@ -116,41 +82,8 @@ def audit(*, model: nn.Module | None = None, optimizer=None, scheduler=None, sam
             "update whose gradient norm exceeds the bound; turn clipping off (or allow 'grad_clipping' on purpose)",
             True))
     if checkpointed is not None:
-        findings += _checkpoint_findings(checkpointed, goyal, sampler)
+        findings += checkpoint_findings(checkpointed, goyal, sampler)
     return allowed(findings, allow)
-
-
-def _weight_decay_findings(model, optimizer, bias_weight_decay) -> list[Finding]:
-    inner = _innermost_optimizer(optimizer)
-    decay_of = {id(p): float(g.get("weight_decay", 0.0) or 0.0) for g in inner.param_groups for p in g["params"]}
-    if not any(id(p) in decay_of for p in model.parameters()):
-        return []  # the optimizer holds copies (a sharded or flattened engine): nothing to match here
-    findings = []
-    norm_decayed, bias_off = [], []
-    for module_name, module in model.named_modules():
-        norm = _is_norm(module)
-        for param_name, param in module.named_parameters(recurse=False):
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            decay = decay_of.get(id(param))
-            if decay is None:
-                continue
-            if norm and decay > 0:
-                norm_decayed.append((name, decay))
-            elif not norm and param.ndim <= 1 and bias_weight_decay is not None and decay != bias_weight_decay:
-                bias_off.append((name, decay))
-    if norm_decayed:
-        findings.append(Finding(
-            "norm_weight_decay",
-            f"weight decay {norm_decayed[0][1]:g} on {len(norm_decayed)} normalisation parameters "
-            f"({_names([n for n, _ in norm_decayed])}); the paper decays no BN gamma or beta (Sec. 5.1): build the "
-            "optimizer over goyal_recipe.param_groups(model) (or build_optimizer), which groups by module type", True))
-    if bias_off:
-        findings.append(Finding(
-            "bias_weight_decay",
-            f"weight decay {bias_off[0][1]:g} on {len(bias_off)} biases ({_names([n for n, _ in bias_off])}) "
-            f"where {bias_weight_decay:g} was wanted; build the optimizer over "
-            f"param_groups(model, bias_weight_decay={bias_weight_decay:g})", True))
-    return findings
 
 
 def _schedule_findings(schedule, scheduler, goyal, optimizer, real_kn, world_size, n, accumulation) -> list[Finding]:
@@ -243,85 +176,6 @@ def _data_findings(sampler, parts, world_size, kn, accumulation, n, goyal, loade
                     f"{data_updates} ({per_rank} samples / (micro-batch {n} x accumulation {accumulation})): the "
                     f"warmup and milestones land at the wrong epochs; build GoyalLR with the data's updates per "
                     f"epoch (num_samples // kn){fix}", True))
-    return findings
-
-
-def _bn_findings(model, bn_group_size, n, fresh_start, goyal) -> list[Finding]:
-    findings = []
-    if bn_group_size is not None:
-        wrong: dict[str, list[str]] = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-                continue
-            if isinstance(module, nn.SyncBatchNorm):
-                group = "all ranks' samples (SyncBatchNorm)"
-            elif getattr(module, "group_size", None):  # ghost BN
-                group = int(module.group_size)
-                if group == bn_group_size:
-                    continue
-            elif n is None or n == bn_group_size:
-                continue
-            else:
-                group = n
-            wrong.setdefault(str(group), []).append(name)
-        for group, names in wrong.items():
-            findings.append(Finding(
-                "bn_group_size",
-                f"BN statistics over {group}{' samples' if group.isdigit() else ''} in {len(names)} layers "
-                f"({_names(names)}), not over the recipe's group of {bn_group_size} (Sec. 5.1: per worker, "
-                f"n = 32); use_ghost_batchnorm(model, group_size={bn_group_size}), or audit with the BN group "
-                "you mean", True))
-    if fresh_start is None:
-        fresh_start = not isinstance(goyal, GoyalLR) or goyal.updates_done == 0
-    if fresh_start:
-        missing = _zero_gamma_missing(model)
-        if missing:
-            findings.append(Finding(
-                "zero_gamma_missing",
-                f"gamma is not zero in the last BN of {len(missing)} residual blocks ({_names(missing)}); the paper "
-                "starts each block as the identity (Sec. 5.1): zero_init_last_bn(model) before training", False))
-    return findings
-
-
-def _zero_gamma_missing(model: nn.Module) -> list[str]:
-    """Names of last-in-block BN layers that `zero_init_last_bn` would zero but whose gamma is not zero.
-
-    The core's rule is applied to a copy of the model (once per audit, on the model's device), so the
-    check follows whatever blocks `zero_init_last_bn` knows.
-    """
-    from .bn import zero_init_last_bn  # the core's own rule for which BN is last in a block
-
-    try:
-        probe = copy.deepcopy(model)
-    except Exception:  # noqa: BLE001 - a model that cannot be copied is not checked, not refused
-        return []
-    with torch.no_grad():
-        names = zero_init_last_bn(probe)
-    modules = dict(model.named_modules())
-    return [name for name in names
-            if getattr(modules.get(name), "weight", None) is not None and bool(modules[name].weight.detach().any())]
-
-
-def _checkpoint_findings(checkpointed, goyal, sampler) -> list[Finding]:
-    covered: set[int] = set()
-    stack = list(checkpointed)
-    while stack:
-        obj = stack.pop()
-        if obj is None or id(obj) in covered:
-            continue
-        covered.add(id(obj))
-        stack += [getattr(obj, "scheduler", None), getattr(obj, "sampler", None)]
-    findings = []
-    if isinstance(goyal, GoyalLR) and id(goyal) not in covered:
-        findings.append(Finding(
-            "scheduler_not_checkpointed",
-            "the checkpoints do not save the GoyalLR scheduler: a resumed run restarts the warmup at update 0; "
-            "save its state_dict (accelerate: prepare it or register_for_checkpointing)", True))
-    if sampler is not None and hasattr(sampler, "state_dict") and id(sampler) not in covered:
-        findings.append(Finding(
-            "sampler_not_checkpointed",
-            "the checkpoints do not save the sampler's position: a resumed run restarts the epoch's data at its "
-            "first sample; save its state_dict (accelerate: register_for_checkpointing)", True))
     return findings
 
 

@@ -13,7 +13,8 @@ import functools
 import os
 import sys
 
-from .config import describe_config, load_config
+from .config import load_config
+from .config_table import describe_config
 from .errors import UserError
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from .config import ConfigError
 from .errors import UserError
-from .plan import (ALGORITHMS, GB, IMAGENET_TRAIN_IMAGES, MB, Cluster, PlanError, Row, Workload, parameter_count,
-                   plan_table, read_noise_scale, throughput_from_bench, updates_over_minimum,
-                   updates_saved_by_doubling)
+from .plan import ALGORITHMS, GB, IMAGENET_TRAIN_IMAGES, MB, Cluster, PlanError, Row, Workload, plan_table
+from .plan_inputs import (parameter_count, read_noise_scale, throughput_from_bench, updates_over_minimum,
+                          updates_saved_by_doubling)
 
 # Goyal et al. 2017's own timing of ResNet-50 on P100 servers at kn = 32 x GPUs, 90 epochs (Fig. 7):
 # GPUs -> (hours, scaling efficiency against 8 GPUs), and what the paper says, beside the paper preset's rows.

@@ -35,8 +35,10 @@ class UpdateSums:
         self.tensor[:2] += torch.stack([loss_sum.double(), top1_correct.double()])
 
     def set_counts(self, images: int, bad_images: int) -> None:
-        # Written as scalars, not copied from the host: a blocking copy to CUDA waits for the kernels queued.
-        self.tensor[2], self.tensor[3] = images, bad_images
+        # fill_ passes the number to a kernel. An indexed assignment (tensor[2] = n) would copy a host
+        # tensor to CUDA: a blocking copy that waits for every queued kernel.
+        self.tensor[2].fill_(images)
+        self.tensor[3].fill_(bad_images)
 
     def add(self, other: UpdateSums) -> None:
         self.tensor += other.tensor

@@ -50,7 +50,7 @@ def test_zero_init_last_bn_uses_a_blocks_own_hook():
 def separate_bns(ghost, groups):
     bns = []
     for _ in range(groups):
-        bn = nn.BatchNorm2d(ghost.num_features, momentum=ghost.momentum).double()
+        bn = nn.BatchNorm2d(ghost.num_features, momentum=ghost.momentum).to(ghost.weight.device, ghost.weight.dtype)
         bn.load_state_dict(ghost.state_dict())
         bns.append(bn)
     return bns
@@ -91,23 +91,28 @@ def test_ghost_bn_equals_separate_workers(momentum):
     torch.testing.assert_close(ghost(x), plain(x))
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("layout", ["per_group", "packed"])
 @pytest.mark.parametrize("momentum", [0.3, None])
-def test_both_ghost_bn_layouts_equal_separate_workers(momentum, layout, memory_format):
-    """The CPU layout (a batch_norm per group) and the GPU one (groups packed as channels), each in
-    both memory formats: outputs, input and parameter gradients, running statistics and layout."""
+def test_both_ghost_bn_layouts_equal_separate_workers(momentum, layout, memory_format, device):
+    """Both layouts (a batch_norm per group; groups packed as channels), each in both memory formats: outputs,
+    input and parameter gradients, running statistics and layout."""
     torch.manual_seed(1)
     groups, channels = 3, 5
-    ghost = GhostBatchNorm2d(channels, group_size=4, momentum=momentum, layout=layout).double()
+    ghost = GhostBatchNorm2d(channels, group_size=4, momentum=momentum, layout=layout).double().to(device)
     with torch.no_grad():
         ghost.weight.uniform_(0.5, 1.5)
         ghost.bias.uniform_(-0.5, 0.5)
         ghost.running_mean.normal_()
         ghost.running_var.uniform_(0.5, 1.5)
     workers = separate_bns(ghost, groups)
-    x = (torch.randn(groups * 4, channels, 3, 2, dtype=torch.float64) * 2 - 1).contiguous(memory_format=memory_format)
-    x.requires_grad_()
+    x = (torch.randn(groups * 4, channels, 3, 2, dtype=torch.float64, device=device) * 2 - 1)
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
     xs = [c.detach().clone().requires_grad_() for c in x.chunk(groups)]
 
     out = ghost(x)
@@ -124,6 +129,36 @@ def test_both_ghost_bn_layouts_equal_separate_workers(momentum, layout, memory_f
     for buf in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(ghost, buf), sum(getattr(bn, buf) for bn in workers) / groups,
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["per_group", "packed"])
+def test_ghost_bn_in_bf16_on_cuda_equals_separate_workers_in_fp32(layout):
+    """What a bf16 autocast run feeds it: bf16 channels_last activations, fp32 parameters and statistics. The
+    CUDA kernels accumulate in fp32, so the result is the fp32 per-group BN rounded to bf16."""
+    torch.manual_seed(2)
+    groups, channels = 4, 16
+    ghost = GhostBatchNorm2d(channels, group_size=8, momentum=0.1, layout=layout).cuda()
+    with torch.no_grad():
+        ghost.weight.uniform_(0.5, 1.5)
+        ghost.bias.uniform_(-0.5, 0.5)
+    workers = separate_bns(ghost, groups)
+    x = (torch.randn(groups * 8, channels, 7, 7, device="cuda") * 3 + 1).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    xs = [c.detach().float().requires_grad_() for c in x.chunk(groups)]
+    out = ghost(x)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    ref = torch.cat([bn(c) for bn, c in zip(workers, xs)])
+    torch.testing.assert_close(out.float(), ref, rtol=1.6e-2, atol=1.6e-2)
+    grad = torch.randn_like(ref)
+    out.backward(grad.bfloat16())
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad.float(), torch.cat([c.grad for c in xs]), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(ghost.weight.grad, sum(bn.weight.grad for bn in workers), rtol=2e-2, atol=2e-2)
+    for buf in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ghost, buf), sum(getattr(bn, buf) for bn in workers) / groups,
+                                   rtol=1e-2, atol=1e-3)
 
 
 def test_ghost_bn_rejects_an_unknown_layout():

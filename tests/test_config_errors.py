@@ -280,7 +280,8 @@ def test_accelerate_launch_num_processes_without_multi_gpu_is_refused(tiny_root,
 def test_show_config_lists_every_key_with_value_default_unit_and_meaning(tiny_root, tmp_path, capsys):
     from pydantic import BaseModel
 
-    from goyal_recipe.config import RecipeConfig, config_rows
+    from goyal_recipe.config import RecipeConfig
+    from goyal_recipe.config_table import config_rows
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(base_recipe(tiny_root, tmp_path / "runs")))

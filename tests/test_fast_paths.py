@@ -79,6 +79,6 @@ def test_one_host_synchronisation_per_update_on_cuda(accumulation_steps, tmp_pat
             applied = [step(itertools.repeat(batch)).applied for _ in range(updates)]
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message)]
     assert applied == [True] * updates
-    assert len(syncs) == updates, syncs
+    assert len(syncs) == updates, syncs  # where each happened (the Python line), if more

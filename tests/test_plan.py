@@ -7,9 +7,10 @@ import math
 import pytest
 
 from goyal_recipe.plan import (IMAGENET_TRAIN_IMAGES, RESNET50_PARAMETERS, Cluster, PlanError, Workload,
-                               allreduce_s, bucket_sizes, exposed_allreduce_s, parameter_count, plan_row,
-                               plan_table, read_noise_scale, rhd_allreduce_s, ring_allreduce_s,
-                               updates_over_minimum, updates_saved_by_doubling)
+                               allreduce_s, bucket_sizes, exposed_allreduce_s, plan_row, plan_table,
+                               rhd_allreduce_s, ring_allreduce_s)
+from goyal_recipe.plan_inputs import (parameter_count, read_noise_scale, updates_over_minimum,
+                                      updates_saved_by_doubling)
 from goyal_recipe.plan_cli import DGX_A100, PAPER_MEASURED, PRESETS, PUBLISHED_THROUGHPUT, main
 
 N = 1e8  # bytes
