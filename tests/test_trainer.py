@@ -198,11 +198,54 @@ def killed(data_root, tmp_path_factory):
     return out / "run"
 
 
-def test_per_rank_state_is_checkpointed(killed):
+@pytest.fixture(scope="module")
+def restarted(data_root, tmp_path_factory):
+    """A 2-process run under `torchrun --max-restarts 1`, checkpointing every 2 updates, whose rank 1 is SIGKILLed
+    once the checkpoint of update 6 (inside epoch 2) is complete; the agent restarts both workers and they resume by
+    themselves. Both workers are stopped (SIGSTOP) before the kill, and any checkpoint after 6 that they reached
+    in the meantime is removed, so that the restart resumes from 6. The run directory keeps the first attempt's
+    checkpoints of updates 4 (an epoch end) and 6."""
+    import shutil
+    import time
+
+    from test_faults_train import torchrun_with_restart, worker_pid
+
+    out = tmp_path_factory.mktemp("restarted")
+    args = {"run.resume": "auto", "run.checkpoint_every_updates": 2, "run.keep_checkpoints": 6,
+            "run.collective_timeout_s": 60}
+    checkpoints = out / "run" / "checkpoints"
+    log_path = out / "restarted.log"
+    try:
+        with open(log_path, "w") as log:
+            proc = torchrun_with_restart(overrides(data_root, out, "run", **args), log)
+            try:
+                deadline = time.time() + 300
+                while not (checkpoints / "update_000000006" / "COMPLETE").is_file():
+                    assert proc.poll() is None and time.time() < deadline, "the run ended before update 6"
+                    time.sleep(0.02)
+                rank1, rank0 = worker_pid(proc.pid, 1), worker_pid(proc.pid, 0)
+                os.kill(rank1, signal.SIGSTOP)  # first: rank 0 then cannot finish another update's collectives
+                os.kill(rank0, signal.SIGSTOP)
+                for path in checkpoints.iterdir():
+                    if path.name > "update_000000006":
+                        shutil.rmtree(path)
+                os.kill(rank1, signal.SIGKILL)
+                os.kill(rank0, signal.SIGCONT)
+                assert proc.wait(timeout=300) == 0  # restarted and finished without help
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()  # the agent stops its workers
+                    proc.wait(timeout=60)
+    finally:
+        print(f"--- restarted:\n{log_path.read_text()[-4000:]}")  # shown by pytest if a test of it fails
+    return out / "run"
+
+
+def test_per_rank_state_is_checkpointed(restarted):
     """Inside an epoch each rank's BN running statistics are its own (the paper's per-worker BN), and both are
     saved; at an epoch's end they have been averaged and agree."""
     for update, averaged in ((4, True), (6, False)):
-        path = killed / "checkpoints" / f"update_{update:09d}"
+        path = restarted / "checkpoints" / f"update_{update:09d}"
         ranks = [load_file(path / f"buffers_rank{rank}.safetensors") for rank in (0, 1)]
         stats = [key for key in ranks[0] if key.endswith(("running_mean", "running_var"))]
         assert len(stats) == len(ranks[0]) == 2 * 14  # every float buffer of resnet10t's 14 BN layers
@@ -217,11 +260,12 @@ def test_per_rank_state_is_checkpointed(killed):
 
 # The epoch-end case is slow: at an epoch end the ranks' BN buffers are already averaged, so the mid-epoch case is
 # the one where per-rank state decides the result.
-@pytest.mark.parametrize("resume_from", [6, pytest.param(4, marks=pytest.mark.slow)], ids=["mid-epoch", "epoch-end"])
-def test_two_processes_killed_and_resumed_equal_uninterrupted(runs, killed, tmp_path, data_root, resume_from):
-    """SIGKILL of rank 1, then run.resume=auto from the checkpoint inside epoch 2 (6) or at the end of epoch 1 (4):
-    per-update losses, every parameter and buffer of the final weights, the epoch records and each rank's samples
-    of each update equal the uninterrupted 2-process run's, bit for bit."""
+@pytest.mark.slow
+def test_two_processes_killed_and_resumed_at_an_epoch_end_equal_uninterrupted(runs, killed, tmp_path, data_root):
+    """SIGKILL of rank 1, then a new `accelerate launch` with run.resume=auto from the checkpoint at the end of
+    epoch 1 (4): per-update losses, every parameter and buffer of the final weights, the epoch records and each
+    rank's samples of each update equal the uninterrupted 2-process run's, bit for bit."""
+    resume_from = 4
     import shutil
 
     run_dir = tmp_path / "run"
@@ -273,34 +317,23 @@ def test_resume_on_another_number_of_processes(killed, tmp_path, data_root):
     assert records(run_dir, "epoch")[-1]["epoch"] == 2
 
 
-def test_torchrun_restarts_a_killed_rank_and_finishes_the_same_run(runs, data_root, tmp_path):
-    """SIGKILL of rank 1 mid-epoch under `torchrun --max-restarts 1`: the agent restarts both workers, they resume
-    from the newest checkpoint by themselves, and the job ends with the losses and weights of the uninterrupted
-    2-process run (accelerate launch starts the same torchrun workers), bit for bit."""
-    from test_faults_train import torchrun_with_restart, wait_for_update, worker_pid
-
-    args = {"run.resume": "auto", "run.checkpoint_every_updates": 2, "run.collective_timeout_s": 60}
-    log_path = tmp_path / "restarted.log"
-    try:
-        with open(log_path, "w") as log:
-            proc = torchrun_with_restart(overrides(data_root, tmp_path, "restarted", **args), log)
-            try:
-                wait_for_update(tmp_path / "restarted", 7, proc)  # inside epoch 2, after checkpoint 6
-                os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
-                assert proc.wait(timeout=300) == 0  # restarted and finished without help
-            finally:
-                if proc.poll() is None:
-                    proc.terminate()  # the agent stops its workers
-                    proc.wait(timeout=60)
-    finally:
-        print(f"--- restarted:\n{log_path.read_text()[-4000:]}")  # shown by pytest if the test fails
-    run_dir, reference = tmp_path / "restarted", runs / "two_procs"
-    starts = records(run_dir, "run")
+def test_torchrun_restarts_a_killed_rank_and_finishes_the_same_run(runs, restarted):
+    """SIGKILL of rank 1 inside epoch 2 under `torchrun --max-restarts 1`: the agent restarts both workers, they
+    resume from the checkpoint of update 6 by themselves (rank-local BN statistics, sampler position, running sums),
+    and the job ends with the uninterrupted 2-process run's per-update losses, every parameter and buffer of its
+    final weights, its epoch records and each rank's samples of each update, bit for bit (accelerate launch starts
+    the same torchrun workers)."""
+    reference = runs / "two_procs"
+    starts = records(restarted, "run")
     assert len(starts) == 2 and starts[1]["world_size"] == 2  # one restart
-    assert starts[1]["resumed_at_update"] in (6, 8)  # the newest checkpoint the kill left
-    assert step_losses(run_dir) == step_losses(reference)
-    restarted, uninterrupted = load_file(run_dir / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert starts[1]["resumed_at_update"] == 6
+    assert step_losses(restarted) == step_losses(reference)
+    resumed, uninterrupted = load_file(restarted / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert sum(key.endswith("running_var") for key in resumed) == 14
     for key, value in uninterrupted.items():
-        assert torch.equal(restarted[key], value), key
-    for epoch, seen in samples_by_epoch(run_dir, ranks=(0, 1)).items():
+        assert torch.equal(resumed[key], value), key
+    assert _by_epoch(restarted) == _by_epoch(reference)
+    assert _samples(restarted) == _samples(reference)
+    for epoch, seen in samples_by_epoch(restarted, ranks=(0, 1)).items():
         assert sorted(seen) == list(range(64)), epoch  # nothing skipped or repeated, the interrupted epoch included
