@@ -1,8 +1,8 @@
 #!/bin/bash
 # The GPU checks in one command, for a CUDA machine with the project installed: the tests marked gpu, then the
-# step benchmark with each ghost BN layout and with plain BN, the recipe overhead in the trainer's GPU settings,
-# and (given timm's train.py) the GPU preset end to end against timm. Records go to benchmarks/results/ as usual;
-# each command's output to LOG_DIR.
+# step benchmark with each ghost BN layout and with plain BN, the loader's ceiling, the recipe overhead in the
+# trainer's GPU settings and (given timm's train.py) the GPU preset end to end against timm. Records go to
+# benchmarks/results/ as usual; each command's output to LOG_DIR.
 #
 #     benchmarks/gpu_checks.sh [TIMM_TRAIN_PY] [LOG_DIR]
 set -u
@@ -24,6 +24,10 @@ for variant in per_group packed per_device; do
         "${bn[@]}" > "$LOG_DIR/bench_step_$variant.log" 2>&1
     tail -5 "$LOG_DIR/bench_step_$variant.log"
 done
+
+step "loader ceiling on this host (14 workers, batches of 256): what the GPU preset's data wait allows"
+$PY benchmarks/bench_data.py --workers 14 --batch-size 256 --classes 20 --per-class 400 > "$LOG_DIR/bench_data.log" 2>&1
+tail -6 "$LOG_DIR/bench_data.log"
 
 step "recipe overhead, ResNet-50 224 px bf16 channels_last, batch 256"
 $PY benchmarks/bench_recipe_overhead.py --model resnet50 --image-size 224 --precision bf16 --channels-last \
