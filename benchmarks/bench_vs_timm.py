@@ -92,6 +92,10 @@ def parse(argv=None):
     p.add_argument("--poll-s", type=float, default=0.1, help="seconds between memory polls")
     p.add_argument("--goyal-only", action="store_true", help="run goyal-train only (no --timm-train needed)")
     p.add_argument("--dry-run", action="store_true", help="print both commands and exit")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run each pair at the same time, each program (and its loader workers) pinned to its own "
+                        "half of the cores, swapped every repeat, with OMP_NUM_THREADS = that half: on a machine "
+                        "whose speed drifts between runs, both then see the same machine")
     p.set_defaults(warmup=20, repeats=3)
     args = common.parse_args(p, QUICK, argv)
     if not (args.goyal_only or args.timm_train):
@@ -265,12 +269,14 @@ class MemoryPoller(threading.Thread):
             self.done.wait(self.every_s)
 
 
-def run_process(cmd: list[str], env: dict, log_path: Path, poll_s: float) -> dict:
-    """Run cmd to its end; returns wall time, the (seconds, line) log, exit code and peak memory."""
+def run_process(cmd: list[str], env: dict, log_path: Path, poll_s: float, cpus: set[int] | None = None) -> dict:
+    """Run cmd to its end (on `cpus` only, with its children, if given); returns wall time, the (seconds, line)
+    log, exit code and peak memory."""
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+                            bufsize=1, preexec_fn=pin)
     poller = MemoryPoller(proc.pid, poll_s)
     poller.start()
     exited = []  # when the main process ends (its loader workers may hold the output open a little longer)
@@ -339,10 +345,11 @@ def timm_error(run_dir: Path) -> float | None:
     return 100.0 - float(rows[-1]["eval_top1"]) if rows and rows[-1].get("eval_top1") else None
 
 
-def measure(name: str, cmd: list[str], env: dict, run_root: Path, args, kn: int) -> dict:
+def measure(name: str, cmd: list[str], env: dict, run_root: Path, args, kn: int, cpus: set[int] | None = None) -> dict:
     run_root.mkdir(parents=True, exist_ok=True)
-    print(f"[{name}] $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    out = run_process(cmd, env, run_root / "log.txt", args.poll_s)
+    where = "" if cpus is None else f" (cpus {','.join(map(str, sorted(cpus)))})"
+    print(f"[{name}]{where} $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    out = run_process(cmd, env, run_root / "log.txt", args.poll_s, cpus)
     if out["returncode"] != 0:
         tail = "\n".join(line for _, line in out["lines"][-40:])
         raise SystemExit(f"{name} exited with {out['returncode']}:\n{tail}")
@@ -392,6 +399,34 @@ METRICS = (("img_per_s", "steady-state img/s (updates {lo}-{hi})", "{:.1f}"),
            ("val_top1_error", "val top-1 error, %", "{:.2f}"))
 
 
+def side_by_side(order: list[str], command, env: dict, scratch: Path, repeat: int, args, kn: int) -> dict:
+    """One repeat with the programs running at once, the first of `order` on the first half of the usable cores."""
+    usable = sorted(os.sched_getaffinity(0))
+    half = len(usable) // 2
+    if half < 1:
+        raise SystemExit("--side-by-side needs at least 2 usable cores")
+    halves = [set(usable[:half]), set(usable[half:2 * half])]
+    env = dict(env, OMP_NUM_THREADS=str(half))
+    found: dict[str, dict] = {}
+    failed: list[BaseException] = []
+
+    def run(side: str, cpus: set[int]) -> None:
+        run_root = scratch / f"{side}_{repeat}"
+        try:
+            found[side] = measure(side, command(side, run_root), env, run_root, args, kn, cpus)
+        except BaseException as e:  # SystemExit of a failed run: re-raised in the main thread
+            failed.append(e)
+
+    threads = [threading.Thread(target=run, args=(side, cpus)) for side, cpus in zip(order, halves)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        raise failed[0]
+    return found
+
+
 def main(argv=None):
     args = parse(argv)
     data_root = data_path(args) if args.dry_run else ensure_data(args)
@@ -425,7 +460,13 @@ def main(argv=None):
         env["OMP_NUM_THREADS"] = str(args.threads)
     results: dict[str, list[dict]] = {side: [] for side in sides}
     for r in range(args.repeats):
-        for side in sides if r % 2 == 0 else sides[::-1]:
+        order = sides if r % 2 == 0 else sides[::-1]
+        if args.side_by_side:
+            results_r = side_by_side(order, command, env, scratch, r, args, kn)
+            for side in sides:
+                results[side].append(results_r[side])
+            continue
+        for side in order:
             run_root = scratch / f"{side}_{r}"
             results[side].append(measure(side, command(side, run_root), env, run_root, args, kn))
 
@@ -460,7 +501,8 @@ def main(argv=None):
         if not args.goyal_only:
             row.append(common.spread(derived[f"ratio_{key}"], "{:.3f}") if f"ratio_{key}" in derived else "")
         rows.append(row)
-    common.print_table(f"{args.preset} preset, kn {kn}: median [min, max] of {args.repeats} runs each, alternating; "
+    common.print_table(f"{args.preset} preset, kn {kn}: median [min, max] of {args.repeats} runs each, "
+                       f"{'side by side, cores swapped' if args.side_by_side else 'alternating'}; "
                        f"load average {common.spread(derived['load_average_1min'], '{:.2f}')}", headers, rows)
     common.finish(record, args.results)
 

@@ -5,6 +5,7 @@ These are smoke tests of the scripts, not timed tests: no figure is compared wit
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -173,13 +174,18 @@ def _vs_timm():
 
 
 @pytest.mark.slow  # a whole goyal-train process; the flags and the log parsing are checked fast below
-def test_vs_timm_goyal_side_runs_and_records(tmp_path):
-    """bench_vs_timm --quick --goyal-only: one tiny goyal-train run, measured from its own metrics and log."""
+@pytest.mark.parametrize("side_by_side", [False, True], ids=["alternating", "side-by-side"])
+def test_vs_timm_goyal_side_runs_and_records(tmp_path, side_by_side):
+    """bench_vs_timm --quick --goyal-only: one tiny goyal-train run, measured from its own metrics and log; with
+    --side-by-side, pinned to the first half of the cores."""
     results = tmp_path / "vs.jsonl"
     cmd = [sys.executable, str(BENCH / "bench_vs_timm.py"), "--quick", "--goyal-only", "--repeats", "1",
            "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--results", str(results)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + ["--side-by-side"] * side_by_side, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first_half = sorted(os.sched_getaffinity(0))[:len(os.sched_getaffinity(0)) // 2]
+    assert ("[goyal_train] (cpus " + ",".join(map(str, first_half)) + ")" in proc.stderr) == side_by_side
     assert "median [min, max]" in proc.stdout and "record appended to" in proc.stdout
     record = json.loads(results.read_text())
     assert record["benchmark"] == "bench_vs_timm" and set(record["variants"]) == {"goyal_train"}
