@@ -19,9 +19,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, is_compiled_module
 
 from ..config import ConfigError
-from ..noise_scale import grad_sq_norm
 from ..state_files import load_model_and_optimizer, save_model_and_optimizer
-from .base import Engine, LaunchError, UpdateOutcome, check_elastic_restart, grads_finite, verdict_and_sums
+from .base import Engine, LaunchError, UpdateOutcome, check_elastic_restart, finish_whole_gradient_update
 
 
 class AccelerateEngine(Engine):
@@ -83,18 +82,9 @@ class AccelerateEngine(Engine):
 
     def finish_update(self, model, optimizer, loss_finite, extra_sums=None, measure_grad_norm=False) -> UpdateOutcome:
         """Every rank applies the update (clip, step, clear) or every rank drops it (clear only)."""
-        params = list(self.unwrap(model).parameters())
-        finite, reduced_sums = verdict_and_sums(self, loss_finite & grads_finite(params, self.device), extra_sums)
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)  # weights and optimizer state stay as they are
-            return UpdateOutcome(False, reduced_sums, None)
-        norm = grad_sq_norm(params) if measure_grad_norm else None  # DDP left the averaged gradient in .grad
-        if self.grad_clip_norm:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        applied = not optimizer.step_was_skipped  # only an fp16 GradScaler skips, and the recipe has none
-        return UpdateOutcome(applied, reduced_sums, norm if applied else None)
+        return finish_whole_gradient_update(
+            self, list(self.unwrap(model).parameters()), optimizer, loss_finite, extra_sums, measure_grad_norm,
+            clip=lambda: self.accelerator.clip_grad_norm_(model.parameters(), self.grad_clip_norm))
 
     def save_state(self, directory: Path, model, optimizer) -> None:
         save_model_and_optimizer(self, directory, model, optimizer)

@@ -190,12 +190,36 @@ class Engine(ABC):
                 buffer.copy_(self.all_reduce_sum(buffer) / self.world_size)
 
 
-def grads_finite(parameters, device: torch.device) -> torch.Tensor:
-    """This rank's verdict before the update, on the device: are all gradients in .grad finite?"""
+def gradient_norms(parameters, device: torch.device) -> torch.Tensor:
+    """The L2 norm of each parameter's .grad, stacked on the device without a host sync: one pass over the gradients
+    serves both this rank's verdict (`.isfinite().all()`) and the gradient's squared norm (`squared_norm`)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:  # made on the device: a host tensor's blocking copy there would wait for the queued kernels
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        return torch.zeros(1, device=device)
+    return torch.stack(torch._foreach_norm(grads))
+
+
+def squared_norm(norms: torch.Tensor) -> torch.Tensor:
+    """The squared norm of a vector from the norms of its pieces, in at least float32 (float64 for float64)."""
+    return norms.to(torch.promote_types(norms.dtype, torch.float32)).square().sum()
+
+
+def finish_whole_gradient_update(engine: Engine, params: list, optimizer, loss_finite: torch.Tensor,
+                                 extra_sums: torch.Tensor | None, measure_grad_norm: bool, clip) -> UpdateOutcome:
+    """`finish_update` of an engine that leaves the update's whole gradient in each parameter's .grad (engine=local;
+    accelerate, whose DDP reduced it during the backward): every rank applies the update (`clip()` where clipping
+    is on, step, clear) or every rank drops it (clear only)."""
+    norms = gradient_norms(params, engine.device)
+    finite, reduced_sums = verdict_and_sums(engine, loss_finite & norms.isfinite().all(), extra_sums)
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)  # weights and optimizer state stay as they are
+        return UpdateOutcome(False, reduced_sums, None)
+    if engine.grad_clip_norm:
+        clip()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    applied = not getattr(optimizer, "step_was_skipped", False)  # accelerate's: only an fp16 GradScaler skips
+    return UpdateOutcome(applied, reduced_sums, squared_norm(norms) if applied and measure_grad_norm else None)
 
 
 def verdict_and_sums(engine: Engine, locally_finite: torch.Tensor, extra_sums: torch.Tensor | None):

@@ -30,9 +30,9 @@ from deepspeed.utils import groups as ds_groups
 
 from ..config import BatchPlan, ConfigError, RecipeConfig, plan_batches
 from ..integrations.deepspeed import ds_config as recipe_ds_config
-from ..noise_scale import grad_sq_norm
 from ..state_files import CheckpointError
-from .base import Engine, TrainingDiverged, UpdateOutcome, check_elastic_restart, grads_finite, verdict_and_sums
+from .base import (Engine, TrainingDiverged, UpdateOutcome, check_elastic_restart, gradient_norms, squared_norm,
+                   verdict_and_sums)
 
 # Fields of the update a user file may repeat ("auto" or the recipe's value) but not change; the recipe's key.
 _RECIPE_SET = {"train_batch_size": "batch.global_batch_size", "train_micro_batch_size_per_gpu":
@@ -161,12 +161,13 @@ class DeepSpeedEngine(Engine):
         engine = self._engine
         zero = engine.zero_optimization()
         params = list(self.unwrap(model).parameters())
-        locally_finite = loss_finite if zero else loss_finite & grads_finite(params, self.device)
+        norms = None if zero else gradient_norms(params, self.device)
+        locally_finite = loss_finite if zero else loss_finite & norms.isfinite().all()
         finite, reduced_sums = verdict_and_sums(self, locally_finite, extra_sums)
         if not finite:
             self._skip(model, optimizer)
             return UpdateOutcome(False, reduced_sums, None)
-        norm = grad_sq_norm(params) if measure_grad_norm and not zero else None  # ZeRO-0: before the step
+        norm = squared_norm(norms) if measure_grad_norm and not zero else None  # ZeRO-0: before the step
         engine.step()
         applied = engine.was_step_applied()
         if measure_grad_norm and zero and applied:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..noise_scale import grad_sq_norm
 from ..state_files import load_model_and_optimizer, save_model_and_optimizer
-from .base import Engine, LaunchError, UpdateOutcome, grads_finite, verdict_and_sums
+from .base import Engine, LaunchError, UpdateOutcome, finish_whole_gradient_update
 
 
 class LocalEngine(Engine):
@@ -54,16 +53,8 @@ class LocalEngine(Engine):
 
     def finish_update(self, model, optimizer, loss_finite, extra_sums=None, measure_grad_norm=False) -> UpdateOutcome:
         params = list(model.parameters())
-        finite, reduced_sums = verdict_and_sums(self, loss_finite & grads_finite(params, self.device), extra_sums)
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)  # the update is dropped: weights and momentum stay
-            return UpdateOutcome(False, reduced_sums, None)
-        norm = grad_sq_norm(params) if measure_grad_norm else None  # .grad is the update's whole gradient
-        if self.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return UpdateOutcome(True, reduced_sums, norm)
+        return finish_whole_gradient_update(self, params, optimizer, loss_finite, extra_sums, measure_grad_norm,
+                                            clip=lambda: torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm))
 
     def save_state(self, directory: Path, model, optimizer) -> None:
         save_model_and_optimizer(self, directory, model, optimizer)
