@@ -151,7 +151,7 @@ def test_ghost_bn_in_bf16_on_cuda_equals_separate_workers_in_fp32(layout):
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     ref = torch.cat([bn(c) for bn, c in zip(workers, xs)])
     torch.testing.assert_close(out.float(), ref, rtol=1.6e-2, atol=1.6e-2)
-    grad = torch.randn_like(ref)
+    grad = torch.randn_like(ref).bfloat16().float()  # the same upstream gradient for both, exactly
     out.backward(grad.bfloat16())
     ref.backward(grad)
     torch.testing.assert_close(x.grad.float(), torch.cat([c.grad for c in xs]), rtol=3e-2, atol=3e-2)
