@@ -185,30 +185,33 @@ class ParquetSource(ClassList):
             self._cache.popitem(last=False)
         return column
 
-    def _cell(self, index: int, field: str):
+    def _row(self, index: int) -> tuple[bytes | None, str | None]:
+        """Row `index`'s encoded image and its stored file name (None where the shard keeps no such field), from
+        one lookup of its row group."""
         from pyarrow.types import is_struct
 
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} rows")
         group = bisect.bisect_right(self._starts, index) - 1
-        column = self._column(group)
-        if is_struct(column.type):
-            if column.type.get_field_index(field) < 0:
-                return None
-            column = column.field(field)
-        elif field != "bytes":
-            return None
-        return column[index - self._starts[group]].as_py()
+        column, row = self._column(group), index - self._starts[group]
+        if not is_struct(column.type):  # the bytes alone
+            return column[row].as_py(), None
+        fields = [column.field(f)[row].as_py() if column.type.get_field_index(f) >= 0 else None
+                  for f in ("bytes", "path")]
+        return fields[0], fields[1]
 
     def image_bytes(self, index: int) -> bytes:
         """The encoded image of row `index`, as stored."""
-        return self._cell(index, "bytes")
+        return self._row(index)[0]
 
     def location(self, index: int) -> str:
         """`<shard>#<row in shard>` and the stored file name, to find a bad row."""
+        return self._where(index, self._row(index)[1])
+
+    def _where(self, index: int, name: str | None) -> str:
         fi = bisect.bisect_right(self._file_starts, index) - 1
-        name = self._cell(index, "path")
         return f"{self.files[fi]}#{index - self._file_starts[fi]}" + (f" ({name})" if name else "")
 
     def __getitem__(self, index: int) -> tuple[EncodedImage, int]:
-        return EncodedImage(self.image_bytes(index), self.location(index)), int(self.targets[index])
+        data, name = self._row(index)
+        return EncodedImage(data, self._where(index, name)), int(self.targets[index])
