@@ -99,12 +99,10 @@ def trainer_step(args, batch, workdir):
     model, optimizer, scheduler = build_training(cfg, engine, plan, args.num_classes,
                                                  IMAGENET_TRAIN_IMAGES // plan.global_batch_size)
     model.train()
-    if args.bn_layout != "auto":
-        from goyal_recipe.bn import GhostBatchNorm2d
+    if args.bn == "ghost" and args.bn_layout != "auto":
+        from goyal_recipe.bn import use_ghost_batchnorm
 
-        for module in model.modules():
-            if isinstance(module, GhostBatchNorm2d):
-                module.layout = args.bn_layout
+        use_ghost_batchnorm(engine.unwrap(model), args.bn_group_size, args.bn_layout)  # the layers' layout only
     train_step = TrainStep(cfg, engine, plan, model, optimizer, scheduler)
 
     def step():

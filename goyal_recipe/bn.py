@@ -74,7 +74,8 @@ def ghost_batch_norm(x: torch.Tensor, group_size: int, running_mean: torch.Tenso
     layout = _checked_layout(layout)
     if layout == "auto":
         # Fewer bytes moved on either device. On a CPU: half the packed layout's cost (benchmarks/README.md).
-        # On CUDA not measured yet; packed with fp32 casts measured at 0.45x a plain step on an H200.
+        # On CUDA not measured yet: the trainer's step with packed and fp32 casts ran at 0.45x a plain step on an
+        # H200 (benchmarks/README.md).
         layout = "per_group"
     normalise = _per_group_batch_norm if layout == "per_group" else _packed_batch_norm
     if x.device.type == "cuda":

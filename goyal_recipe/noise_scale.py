@@ -124,7 +124,11 @@ def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch.stack(torch._foreach_norm(grads))
+    return sq_norm_of_pieces(torch.stack(torch._foreach_norm(grads)))
+
+
+def sq_norm_of_pieces(norms: torch.Tensor) -> torch.Tensor:
+    """The squared norm of a vector from the L2 norms of its pieces, in at least float32 (float64 for float64)."""
     return norms.to(torch.promote_types(norms.dtype, torch.float32)).square().sum()
 
 

@@ -159,14 +159,31 @@ def _samples(run_dir, ranks=(0, 1)):
     return out
 
 
+def _wait_for_checkpoint(checkpoints, update, proc, timeout_s=300):
+    """Until the checkpoint of `update` is complete, with `proc` still running."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while not (checkpoints / f"update_{update:09d}" / "COMPLETE").is_file():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before update {update}"
+        time.sleep(0.02)
+
+
+def _remove_checkpoints_after(checkpoints, update):
+    """So that run.resume=auto resumes from the checkpoint of `update`."""
+    import shutil
+
+    for path in checkpoints.iterdir():
+        if path.name > f"update_{update:09d}":
+            shutil.rmtree(path)
+
+
 @pytest.fixture(scope="module")
 def killed(data_root, tmp_path_factory):
     """A 2-process run whose rank 1 is SIGKILLed once the checkpoint of update 6 (inside epoch 2) is complete;
     it also holds the epoch-end checkpoint of update 4. Checkpoints written after 6 (if the kill landed later) are
     removed, so that each test resumes from the checkpoint it names."""
-    import shutil
     import subprocess
-    import time
 
     from _runs import BIN, RECIPE, REPO
     from test_faults_train import worker_pid
@@ -180,10 +197,7 @@ def killed(data_root, tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = out / "run" / "checkpoints"
     try:
-        deadline = time.time() + 300
-        while not (checkpoints / "update_000000006" / "COMPLETE").is_file():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before update 6"
-            time.sleep(0.02)
+        _wait_for_checkpoint(checkpoints, 6, proc)
         os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
         assert proc.wait(timeout=120) != 0
     finally:
@@ -191,9 +205,7 @@ def killed(data_root, tmp_path_factory):
             proc.kill()
             proc.wait()
     assert not (out / "run" / "model.safetensors").exists()
-    for path in checkpoints.iterdir():
-        if path.name > "update_000000006":
-            shutil.rmtree(path)
+    _remove_checkpoints_after(checkpoints, 6)
     assert {p.name for p in checkpoints.iterdir()} >= {"update_000000004", "update_000000006"}
     return out / "run"
 
@@ -205,9 +217,6 @@ def restarted(data_root, tmp_path_factory):
     themselves. Both workers are stopped (SIGSTOP) before the kill, and any checkpoint after 6 that they reached
     in the meantime is removed, so that the restart resumes from 6. The run directory keeps the first attempt's
     checkpoints of updates 4 (an epoch end) and 6."""
-    import shutil
-    import time
-
     from test_faults_train import torchrun_with_restart, worker_pid
 
     out = tmp_path_factory.mktemp("restarted")
@@ -219,16 +228,11 @@ def restarted(data_root, tmp_path_factory):
         with open(log_path, "w") as log:
             proc = torchrun_with_restart(overrides(data_root, out, "run", **args), log)
             try:
-                deadline = time.time() + 300
-                while not (checkpoints / "update_000000006" / "COMPLETE").is_file():
-                    assert proc.poll() is None and time.time() < deadline, "the run ended before update 6"
-                    time.sleep(0.02)
+                _wait_for_checkpoint(checkpoints, 6, proc)
                 rank1, rank0 = worker_pid(proc.pid, 1), worker_pid(proc.pid, 0)
                 os.kill(rank1, signal.SIGSTOP)  # first: rank 0 then cannot finish another update's collectives
                 os.kill(rank0, signal.SIGSTOP)
-                for path in checkpoints.iterdir():
-                    if path.name > "update_000000006":
-                        shutil.rmtree(path)
+                _remove_checkpoints_after(checkpoints, 6)
                 os.kill(rank1, signal.SIGKILL)
                 os.kill(rank0, signal.SIGCONT)
                 assert proc.wait(timeout=300) == 0  # restarted and finished without help
@@ -258,21 +262,19 @@ def test_per_rank_state_is_checkpointed(restarted):
             assert [float(s.images) for s in sums] == [16.0, 16.0] and float(sums[0].loss_sum) != float(sums[1].loss_sum)
 
 
-# The epoch-end case is slow: at an epoch end the ranks' BN buffers are already averaged, so the mid-epoch case is
-# the one where per-rank state decides the result.
+# Slow: at an epoch end the ranks' BN buffers are already averaged, so the mid-epoch resume (the torchrun restart
+# below) is the one where per-rank state decides the result.
 @pytest.mark.slow
 def test_two_processes_killed_and_resumed_at_an_epoch_end_equal_uninterrupted(runs, killed, tmp_path, data_root):
     """SIGKILL of rank 1, then a new `accelerate launch` with run.resume=auto from the checkpoint at the end of
     epoch 1 (4): per-update losses, every parameter and buffer of the final weights, the epoch records and each
     rank's samples of each update equal the uninterrupted 2-process run's, bit for bit."""
-    resume_from = 4
     import shutil
 
+    resume_from = 4
     run_dir = tmp_path / "run"
     shutil.copytree(killed, run_dir)
-    for path in (run_dir / "checkpoints").iterdir():
-        if path.name > f"update_{resume_from:09d}":
-            shutil.rmtree(path)
+    _remove_checkpoints_after(run_dir / "checkpoints", resume_from)
     proc = train(overrides(data_root, tmp_path, "run", **{"run.resume": "auto", "run.checkpoint_every_updates": 2,
                                                           "run.keep_checkpoints": 3}), launcher="accelerate")
     assert f"at update {resume_from}" in proc.stdout
@@ -297,10 +299,7 @@ def test_resume_on_another_number_of_processes(killed, tmp_path, data_root):
     import shutil
 
     run_dir = tmp_path / "run"
-    shutil.copytree(killed, run_dir)
-    for path in (run_dir / "checkpoints").iterdir():
-        if path.name > "update_000000006":
-            shutil.rmtree(path)
+    shutil.copytree(killed, run_dir)  # its newest checkpoint is 6's
     proc = train(overrides(data_root, tmp_path, "run", **{"run.resume": "auto", "run.max_updates": 8}))
     assert "resuming on 1 ranks from a checkpoint of 2" in proc.stderr
     header = records(run_dir, "run")[-1]

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import UserError
+from ..noise_scale import sq_norm_of_pieces
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +193,11 @@ class Engine(ABC):
 
 def gradient_norms(parameters, device: torch.device) -> torch.Tensor:
     """The L2 norm of each parameter's .grad, stacked on the device without a host sync: one pass over the gradients
-    serves both this rank's verdict (`.isfinite().all()`) and the gradient's squared norm (`squared_norm`)."""
+    serves both this rank's verdict (`.isfinite().all()`) and the gradient's squared norm (`sq_norm_of_pieces`)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:  # made on the device: a host tensor's blocking copy there would wait for the queued kernels
         return torch.zeros(1, device=device)
     return torch.stack(torch._foreach_norm(grads))
-
-
-def squared_norm(norms: torch.Tensor) -> torch.Tensor:
-    """The squared norm of a vector from the norms of its pieces, in at least float32 (float64 for float64)."""
-    return norms.to(torch.promote_types(norms.dtype, torch.float32)).square().sum()
 
 
 def finish_whole_gradient_update(engine: Engine, params: list, optimizer, loss_finite: torch.Tensor,
@@ -219,7 +215,7 @@ def finish_whole_gradient_update(engine: Engine, params: list, optimizer, loss_f
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     applied = not getattr(optimizer, "step_was_skipped", False)  # accelerate's: only an fp16 GradScaler skips
-    return UpdateOutcome(applied, reduced_sums, squared_norm(norms) if applied and measure_grad_norm else None)
+    return UpdateOutcome(applied, reduced_sums, sq_norm_of_pieces(norms) if applied and measure_grad_norm else None)
 
 
 def verdict_and_sums(engine: Engine, locally_finite: torch.Tensor, extra_sums: torch.Tensor | None):

@@ -30,9 +30,9 @@ from deepspeed.utils import groups as ds_groups
 
 from ..config import BatchPlan, ConfigError, RecipeConfig, plan_batches
 from ..integrations.deepspeed import ds_config as recipe_ds_config
+from ..noise_scale import sq_norm_of_pieces
 from ..state_files import CheckpointError
-from .base import (Engine, TrainingDiverged, UpdateOutcome, check_elastic_restart, gradient_norms, squared_norm,
-                   verdict_and_sums)
+from .base import Engine, TrainingDiverged, UpdateOutcome, check_elastic_restart, gradient_norms, verdict_and_sums
 
 # Fields of the update a user file may repeat ("auto" or the recipe's value) but not change; the recipe's key.
 _RECIPE_SET = {"train_batch_size": "batch.global_batch_size", "train_micro_batch_size_per_gpu":
@@ -167,7 +167,7 @@ class DeepSpeedEngine(Engine):
         if not finite:
             self._skip(model, optimizer)
             return UpdateOutcome(False, reduced_sums, None)
-        norm = squared_norm(norms) if measure_grad_norm and not zero else None  # ZeRO-0: before the step
+        norm = sq_norm_of_pieces(norms) if measure_grad_norm and not zero else None  # ZeRO-0: before the step
         engine.step()
         applied = engine.was_step_applied()
         if measure_grad_norm and zero and applied:
