@@ -264,7 +264,11 @@ def test_scaling_report_reads_the_sweep_by_its_rules(tmp_path):
     assert ("- **SGD** error rises from kn = 256 (last kn not decisively above kn = 32: 128); B_simple of the "
             "kn = 32 SGD runs: 100 over the first epoch, 400 over the last. The rise starts at 0.64x the late B_simple and "
             "2.6x the early one; the late B_simple lies outside [128, 256].") in report
-    assert ("- **LARS** past the late B_simple, against SGD at kn = 32 (the accuracy to keep): kn = 512: +3.00 "
+    # LARS past each B_simple against SGD at kn = 32: +2 / sqrt(1/5 + 1/3) = 2.7 SE at kn = 128.
+    assert ("- **LARS** past the early B_simple (100), against SGD at kn = 32 (the accuracy to keep): kn = 128: +2.00 "
+            "(+2.7 SE); kn = 256: +3.00 (+4.1 SE); kn = 512: +3.00 (+4.1 SE); kn = 1024: +3.00 (+4.1 SE); kn = 2048: "
+            "+4.00 (+5.5 SE): not flat (flat: no point decisively above).") in report
+    assert ("- **LARS** past the late B_simple (400), against SGD at kn = 32 (the accuracy to keep): kn = 512: +3.00 "
             "(+4.1 SE); kn = 1024: +3.00 (+4.1 SE); kn = 2048: +4.00 (+5.5 SE): not flat (flat: no point "
             "decisively above).") in report
     # LARS minus SGD at the same kn: -7 / sqrt(1/3 + 1/3) = -8.6 SE, -27 / sqrt(1/3 + 4/3) = -20.9 SE.

@@ -3,8 +3,8 @@ with the paper's number of trials, and the reading, each statement decided by a 
 
 The rules. Two means differ decisively when their gap is at least 2 standard errors of the difference,
 sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample std s over n seeds). SGD's error "rises" at the smallest kn from
-which every larger kn is decisively above the smallest kn's error. LARS "stays flat" past B_simple when
-none of its points there is decisively above SGD's error at the smallest kn, the accuracy a larger kn is
+which every larger kn is decisively above the smallest kn's error. LARS "stays flat" past a B_simple (the
+early and the late, each) when none of its points there is decisively above SGD's error at the smallest kn, the accuracy a larger kn is
 meant to keep. The noise scale they are set against is B_simple = tr(Sigma) / |G|^2 (McCandlish et
 al. 2018, App. A.1) measured in the smallest-kn SGD runs, the median of its logged values over the first
 epoch ("early") and over the last ("late"), since B_simple grows as the loss falls.
@@ -133,15 +133,17 @@ def reading(mode: Mode, summary: dict[str, dict]) -> list[str]:
                      f"{flat}); {noise}. The rise starts at {rise / late:.2g}x the late B_simple and "
                      f"{rise / early:.2g}x the early one; the late B_simple lies "
                      f"{'inside' if inside else 'outside'} [{flat}, {rise}].")
-    past = [(kn, e) for kn, e in lars if kn > late]
-    if not past:
-        lines.append(f"- **LARS**: no kn of the sweep lies past the late B_simple ({late:.0f}).")
-    else:
+    for when, b_simple in (("early", early), ("late", late)):
+        past = [(kn, e) for kn, e in lars if kn > b_simple]
+        if not past:
+            lines.append(f"- **LARS**: no kn of the sweep lies past the {when} B_simple ({b_simple:.0f}).")
+            continue
         above = [(kn, compare(sgd[0][1], e)) for kn, e in past]
         flat_all = all(c.z is not None and c.z < DECISIVE_Z for _, c in above)
         detail = "; ".join(f"kn = {kn}: {_z(c)}" for kn, c in above)
-        lines.append(f"- **LARS** past the late B_simple, against SGD at kn = {sgd[0][0]} (the accuracy to keep): "
-                     f"{detail}: {'flat' if flat_all else 'not flat'} (flat: no point decisively above).")
+        lines.append(f"- **LARS** past the {when} B_simple ({b_simple:.0f}), against SGD at kn = {sgd[0][0]} (the "
+                     f"accuracy to keep): {detail}: {'flat' if flat_all else 'not flat'} (flat: no point decisively "
+                     f"above).")
     sgd_by_kn = dict(sgd)
     versus = "; ".join(f"kn = {kn}: {_z(compare(sgd_by_kn[kn], e))}" for kn, e in lars)
     lines.append(f"- **LARS against SGD** at the same kn (LARS minus SGD): {versus}.")
