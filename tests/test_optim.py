@@ -134,11 +134,29 @@ def test_lr_folded_sgd_foreach_with_tensors_joining_late():
 
 def test_build_optimizer_takes_the_fast_path():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
-    sgd = build_optimizer(model, "sgd")  # CPU parameters: foreach (fused is for CUDA ones)
-    assert sgd.defaults["foreach"] is True and not sgd.defaults["fused"]
+    sgd = build_optimizer(model, "sgd")  # CPU parameters: torch's fused kernel (torch >= 2.4)
+    assert sgd.defaults["fused"] is True and not sgd.defaults["foreach"]
+    # Parameters torch has no fused kernel for (complex ones): the foreach path.
+    complex_sgd = build_optimizer(nn.Linear(3, 2, dtype=torch.complex64), "sgd")
+    assert complex_sgd.defaults["foreach"] is True and not complex_sgd.defaults["fused"]
     assert build_optimizer(model, "sgd", foreach=False).defaults["foreach"] is False
     assert build_optimizer(model, "folded_sgd").defaults["foreach"] is True
     assert build_optimizer(model, "folded_sgd", foreach=False).defaults["foreach"] is False
     if torch.cuda.is_available():
         fused = build_optimizer(model.cuda(), "sgd")
         assert fused.defaults["fused"] is True and not fused.defaults["foreach"]
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_fast_paths_equal_the_per_tensor_loop(nesterov):
+    # The foreach path takes torch's per-tensor steps to the bit, the fused kernel (the default on a CPU and on
+    # CUDA) up to the rounding of its multiply-adds, with decay on some tensors only: 50 updates through warmup
+    # and two decays (measured: 1.3e-15 at most, 2e-13 relative).
+    def sgd(**path):
+        return lambda m: build_optimizer(m, "sgd", nesterov=nesterov, **path)
+
+    loop = run_trajectory(sgd(foreach=False))
+    assert build_optimizer(nn.Linear(2, 2), "sgd").defaults["fused"] is True
+    assert torch.equal(run_trajectory(sgd(foreach=True)), loop)
+    fused = run_trajectory(sgd())
+    assert torch.allclose(fused, loop, rtol=1e-11, atol=1e-14)
