@@ -34,7 +34,6 @@ in both and cancels out.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 
@@ -64,8 +63,7 @@ def parse(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--channels-last", action="store_true", help="model and batch in channels_last memory format")
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CPU, keep freed memory in the process as goyal-train does (run.keep_freed_cpu_memory)")
+    common.add_keep_freed_memory_arg(p)
     p.add_argument("--iters", type=int, default=10, help="timed updates per repeat and variant")
     p.add_argument("--noise-scale-every", type=int, default=4,
                    help="measure the noise scale on every N-th update (run.noise_scale_every_updates)")
@@ -237,10 +235,7 @@ def main(argv=None):
     import timm
 
     args = parse(argv)
-    if args.keep_freed_memory and args.device == "cpu":
-        from goyal_recipe.cpu_memory import keep_freed_memory
-
-        keep_freed_memory()
+    common.apply_keep_freed_memory(args)
     if args.batch_size % args.bn_group_size:
         raise SystemExit(f"--bn-group-size {args.bn_group_size} must divide --batch-size {args.batch_size}")
     torch.manual_seed(0)

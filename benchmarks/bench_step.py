@@ -5,6 +5,9 @@ trainer:   the per-update work of `goyal_recipe.trainer.Trainer._train_epoch` (o
            `build_optimizer` (SGD, Nesterov, no decay on BN), the accelerate engine's prepare/autocast/
            backward/step, `global_batch_loss`, `GoyalLR`, the loss/top-1 window, optional
            `compile_model`.
+baseline:  with --baseline-commit COMMIT, the trainer's update as of that git commit (its `goyal_recipe`
+           taken with `git archive` and imported under another name into this process): the trainer
+           against itself before a change, interleaved with the others.
 reference: the step of the PyTorch ImageNet example: timm model with plain BN, `nn.CrossEntropyLoss`,
            `torch.optim.SGD(model.parameters())`, zero_grad / backward / step; same precision and
            memory format; eager unless --reference-compile.
@@ -21,10 +24,17 @@ come from `torch.utils.flop_counter.FlopCounterMode`; MFU = achieved FLOP/s / pe
 from __future__ import annotations
 
 import contextlib
+import importlib
+import io
 import itertools
 import os
+import re
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +64,10 @@ def parse(argv=None):
     p.add_argument("--optimizer", choices=("sgd", "folded_sgd"), default="sgd", help="trainer's optim.optimizer")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark=True for both (the trainer leaves it off)")
+    common.add_keep_freed_memory_arg(p)
     p.add_argument("--iters", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--baseline-commit", default=None,
+                   help="also time the trainer's update as of this git commit (variant 'baseline')")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: matmul probe on CUDA)")
     return common.parse_args(p, QUICK, argv)
 
@@ -78,11 +91,28 @@ def autocast(args, device):
     return contextlib.nullcontext()
 
 
-def trainer_step(args, batch, workdir):
-    """The trainer's own update (goyal_recipe.step.TrainStep on build_training); returns (step, device)."""
-    from goyal_recipe.config import RecipeConfig, plan_batches
-    from goyal_recipe.engines import make_engine
-    from goyal_recipe.step import TrainStep, build_training
+def package_at_commit(commit: str, workdir: str, name: str = "goyal_recipe_baseline") -> str:
+    """`goyal_recipe` as of `commit`, unpacked under `workdir` as the package `name` and importable from this
+    process beside the working tree's (its relative imports need nothing; absolute ones are renamed)."""
+    archive = subprocess.run(["git", "-C", str(common.REPO), "archive", commit, "goyal_recipe"],
+                             capture_output=True, check=True).stdout
+    root = Path(workdir) / "baseline"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # Python < 3.10.12
+    package = (root / "goyal_recipe").rename(root / name)
+    for source in package.rglob("*.py"):
+        source.write_text(re.sub(r"\bgoyal_recipe(?=[.\s])", name, source.read_text()))
+    sys.path.insert(0, str(root))
+    return name
+
+
+def trainer_step(args, batch, workdir, package: str = "goyal_recipe"):
+    """The trainer's own update (`package`.step.TrainStep on build_training); returns (step, device)."""
+    config = importlib.import_module(f"{package}.config")
+    make_engine = importlib.import_module(f"{package}.engines").make_engine
+    step_module = importlib.import_module(f"{package}.step")
+    RecipeConfig, plan_batches = config.RecipeConfig, config.plan_batches
+    TrainStep, build_training = step_module.TrainStep, step_module.build_training
 
     cfg = RecipeConfig.model_validate({
         "run": {"name": "bench_step", "output_dir": str(workdir), "plots": False},
@@ -100,8 +130,7 @@ def trainer_step(args, batch, workdir):
                                                  IMAGENET_TRAIN_IMAGES // plan.global_batch_size)
     model.train()
     if args.bn == "ghost" and args.bn_layout != "auto":
-        from goyal_recipe.bn import use_ghost_batchnorm
-
+        use_ghost_batchnorm = importlib.import_module(f"{package}.bn").use_ghost_batchnorm
         use_ghost_batchnorm(engine.unwrap(model), args.bn_group_size, args.bn_layout)  # the layers' layout only
     train_step = TrainStep(cfg, engine, plan, model, optimizer, scheduler)
 
@@ -174,14 +203,16 @@ def matmul_peak_tflops(args, device) -> float:
 
 def main(argv=None):
     args = parse(argv)
+    common.apply_keep_freed_memory(args)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench_step_") as workdir:
         batch = synthetic_batch(args, args.device)
         trainer, device = trainer_step(args, batch, workdir)
-        reference = reference_step(args, batch, device)
-        seconds = common.time_interleaved({"trainer": trainer, "reference": reference},
-                                          args.iters, args.warmup, args.repeats, device)
+        steps = {"trainer": trainer, "reference": reference_step(args, batch, device)}
+        if args.baseline_commit:
+            steps["baseline"] = trainer_step(args, batch, workdir, package_at_commit(args.baseline_commit, workdir))[0]
+        seconds = common.time_interleaved(steps, args.iters, args.warmup, args.repeats, device)
     flops = step_flops(args, batch, device)
     peak, peak_source = args.peak_tflops, "--peak-tflops"
     if peak is None and torch.device(device).type == "cuda":
@@ -202,6 +233,9 @@ def main(argv=None):
     ratio = common.summary([r / t for t, r in zip(seconds["trainer"], seconds["reference"])])
     derived = {"ratio_trainer_over_reference": ratio, "flops_per_step": flops,
                "gflops_per_image": flops / args.batch_size / 1e9, "peak_tflops": peak, "peak_source": peak_source}
+    if args.baseline_commit:
+        derived["ratio_trainer_over_baseline"] = common.summary(
+            [b / t for t, b in zip(seconds["trainer"], seconds["baseline"])])
     record = common.make_record(common.script_name(__file__), args, variants, derived,
                                 {"resolved_device": str(device)})
     print(common.header(record))
@@ -212,6 +246,9 @@ def main(argv=None):
     print(f"trainer / reference img/s: {common.spread(ratio, '{:.3f}')}; "
           f"{flops / args.batch_size / 1e9:.3f} GFLOP per image (fwd+bwd)"
           + (f"; peak {peak:.1f} TFLOP/s from {peak_source}" if peak else ""))
+    if args.baseline_commit:
+        print(f"trainer / baseline ({args.baseline_commit}) img/s: "
+              f"{common.spread(derived['ratio_trainer_over_baseline'], '{:.3f}')}")
     common.finish(record, args.results)
 
 

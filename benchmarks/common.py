@@ -182,6 +182,23 @@ def finish(record: dict, path: Path | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# training updates
+
+
+def add_keep_freed_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, keep freed memory in the process as goyal-train does (run.keep_freed_cpu_memory); "
+                        "every variant of the process runs with it")
+
+
+def apply_keep_freed_memory(args: argparse.Namespace) -> None:
+    if args.keep_freed_memory and torch.device(args.device).type == "cpu":
+        from goyal_recipe.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
+
+
+# ----------------------------------------------------------------------------------------------
 # data
 
 

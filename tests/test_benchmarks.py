@@ -16,9 +16,10 @@ REPO = Path(__file__).parents[1]
 BENCH = REPO / "benchmarks"
 
 # script -> (variants the record must hold, extra flags). Generated JPEGs are stored small (the figures are
-# not looked at); bench_data's --repeats 1 checks that an explicit flag beats --quick's 2.
+# not looked at); bench_data's --repeats 1 checks that an explicit flag beats --quick's 2; bench_step's
+# baseline is the trainer of the last commit, imported beside the working tree's.
 SCRIPTS = {
-    "bench_step": (("trainer", "reference"), []),
+    "bench_step": (("trainer", "reference", "baseline"), ["--baseline-commit", "HEAD"]),
     "bench_data": (("trainer", "reference"), ["--data-dir", "{tmp}/jpeg", "--source-size", "96x72", "--repeats", "1"]),
     "bench_recipe_overhead": (("baseline", "goyal_lr", "ghost_bn", "global_loss", "all", "bn_layers_plain",
                                "ghost_bn_layers_per_group", "ghost_bn_layers_packed", "sampler"),
@@ -259,3 +260,26 @@ def test_vs_timm_reads_update_times_and_data_waits_from_timm_lines():
     # the running mean is printed to 1 ms: each cumulative sum is within (i + 1) x 0.0005 s
     assert waits == pytest.approx(expected, abs=2 * updates_per_epoch * 0.0005)
     assert sum(waits[3:]) == pytest.approx(sum(expected[3:]), abs=updates_per_epoch * 0.0005)
+
+
+def test_bench_step_baseline_is_the_commits_own_package(tmp_path):
+    """--baseline-commit imports the commit's goyal_recipe under another name: every module of it comes from the
+    archive, none from the working tree's package."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_step import package_at_commit
+    finally:
+        sys.path.remove(str(BENCH))
+    import importlib
+
+    name = package_at_commit("HEAD", str(tmp_path), name="goyal_recipe_at_head")
+    try:
+        step = importlib.import_module(f"{name}.step")
+        loaded = {m: sys.modules[m] for m in list(sys.modules) if m == name or m.startswith(name + ".")}
+        assert Path(step.__file__).is_relative_to(tmp_path) and len(loaded) > 10
+        assert all(Path(m.__file__).is_relative_to(tmp_path) for m in loaded.values())
+        assert step.TrainStep is not importlib.import_module("goyal_recipe.step").TrainStep
+    finally:
+        sys.path.remove(str(tmp_path / "baseline"))
+        for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[m]
