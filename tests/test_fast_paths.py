@@ -50,14 +50,12 @@ def test_compile_changes_speed_only(eager, data_root, tmp_path):
     assert losses == pytest.approx(eager, rel=REL)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("accumulation_steps", [1, 2])
-def test_one_host_synchronisation_per_update_on_cuda(accumulation_steps, tmp_path):
-    # The update's only wait for the device is finish_update reading the all-reduced verdict; the noise scale
-    # (measured every update here, with two micro-batches), ghost BN, bf16 and channels_last add none.
+def _update_step(tmp_path, accumulation_steps: int, engine_name: str = "accelerate", image_size: int = 32):
+    """The trainer's update (ghost BN, bf16, channels_last, the noise scale measured every update where there are
+    two micro-batches) and a batch for it, after a first update that makes the optimizer state."""
     cfg = RecipeConfig.model_validate({
-        "run": {"name": "syncs", "output_dir": str(tmp_path), "plots": False, "noise_scale_every_updates": 1},
+        "run": {"name": "waits", "output_dir": str(tmp_path), "plots": False, "noise_scale_every_updates": 1},
+        "engine": engine_name,
         "model": {"name": "resnet10t", "bn": "ghost", "bn_group_size": 8, "precision": "bf16", "channels_last": True},
         "batch": {"global_batch_size": 32, "per_device_batch_size": 32 // accumulation_steps},
     })
@@ -68,10 +66,20 @@ def test_one_host_synchronisation_per_update_on_cuda(accumulation_steps, tmp_pat
     step = TrainStep(cfg, engine, plan, model, optimizer, scheduler)
     assert (step.noise is not None) == (accumulation_steps == 2)
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(plan.per_device_batch_size, 3, 32, 32, generator=g),
-             torch.randint(0, 10, (plan.per_device_batch_size,), generator=g),
-             torch.arange(plan.per_device_batch_size), torch.zeros(plan.per_device_batch_size, dtype=torch.long))
-    step(itertools.repeat(batch))  # the first update initialises cuDNN and the optimizer state
+    n = plan.per_device_batch_size
+    batch = (torch.randn(n, 3, image_size, image_size, generator=g), torch.randint(0, 10, (n,), generator=g),
+             torch.arange(n), torch.zeros(n, dtype=torch.long))
+    assert step(itertools.repeat(batch)).applied
+    return step, batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_one_host_synchronisation_per_update_on_cuda(accumulation_steps, tmp_path):
+    # The update's only wait for the device is finish_update reading the all-reduced verdict; the noise scale,
+    # ghost BN, bf16 and channels_last add none.
+    step, batch = _update_step(tmp_path, accumulation_steps)
     torch.cuda.synchronize()
     updates = 5
     with warnings.catch_warnings(record=True) as caught:
@@ -100,23 +108,7 @@ def test_one_host_wait_per_update_counted_on_cpu(engine_name, accumulation_steps
     # every blocking host-to-device copy of an update, counted on a CPU (tests/_host_waits.py). On the code the
     # H200 measured with 3 syncs per update (git 7a4ea98), it counted the same 3: two indexed assignments in
     # UpdateSums.set_counts and the verdict.
-    cfg = RecipeConfig.model_validate({
-        "run": {"name": "waits", "output_dir": str(tmp_path), "plots": False, "noise_scale_every_updates": 1},
-        "engine": engine_name,
-        "model": {"name": "resnet10t", "bn": "ghost", "bn_group_size": 8, "channels_last": True},
-        "batch": {"global_batch_size": 32, "per_device_batch_size": 32 // accumulation_steps},
-    })
-    engine = make_engine(cfg)
-    plan = plan_batches(cfg, engine.world_size)
-    model, optimizer, scheduler = build_training(cfg, engine, plan, 10, 100)
-    model.train()
-    step = TrainStep(cfg, engine, plan, model, optimizer, scheduler)
-    assert (step.noise is not None) == (accumulation_steps == 2)
-    g = torch.Generator().manual_seed(0)
-    n = plan.per_device_batch_size
-    batch = (torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g), torch.arange(n),
-             torch.zeros(n, dtype=torch.long))
-    step(itertools.repeat(batch))  # the first update makes the optimizer state
+    step, batch = _update_step(tmp_path, accumulation_steps, engine_name, image_size=16)
     updates = 3
     with HostWaits(host_tensors=batch) as counted:
         applied = [step(itertools.repeat(batch)).applied for _ in range(updates)]
