@@ -156,7 +156,7 @@ class BackwardGradNorms:
     def take(self) -> torch.Tensor:
         """Sum over the backward passes since the last call of their squared gradient norm (0-dim tensor)."""
         norms, self._norms = self._norms, []
-        return torch.stack(norms).square().sum() if norms else torch.zeros(())
+        return sq_norm_of_pieces(torch.stack(norms)) if norms else torch.zeros(())
 
     def clear(self) -> None:
         self._norms = []
