@@ -211,7 +211,7 @@ def build_optimizer(
     device (CUDA; the CPU too since torch 2.4: one pass over each tensor, against the foreach path's
     five on a CPU), else one torch._foreach_* op per line of the update over all tensors; `False`
     updates tensor by tensor. All give the same update; the fused kernel's multiply-adds may round the
-    last bit differently (1e-15 relative in float64 over 50 updates, tests/test_optim.py).
+    last bit differently (at most 2e-13 relative in float64 over 50 updates, tests/test_optim.py).
     """
     if kind in LAYERWISE and bias_weight_decay is None:
         bias_weight_decay = 0.0  # LARS and LAMB leave biases out of decay and trust ratio

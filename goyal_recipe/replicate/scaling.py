@@ -4,8 +4,8 @@ with the paper's number of trials, and the reading, each statement decided by a 
 The rules. Two means differ decisively when their gap is at least 2 standard errors of the difference,
 sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample std s over n seeds). SGD's error "rises" at the smallest kn from
 which every larger kn is decisively above the smallest kn's error. LARS "stays flat" past a B_simple (the
-early and the late, each) when none of its points there is decisively above SGD's error at the smallest kn, the accuracy a larger kn is
-meant to keep. The noise scale they are set against is B_simple = tr(Sigma) / |G|^2 (McCandlish et
+early and the late, each) when none of its points there is decisively above SGD's error at the smallest kn,
+the accuracy a larger kn is meant to keep. The noise scale they are set against is B_simple = tr(Sigma) / |G|^2 (McCandlish et
 al. 2018, App. A.1) measured in the smallest-kn SGD runs, the median of its logged values over the first
 epoch ("early") and over the last ("late"), since B_simple grows as the loss falls.
 """
