@@ -35,6 +35,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -309,22 +310,24 @@ def _last(lines, pattern) -> float | None:
     return next((t for t, line in reversed(lines) if pattern.search(line)), None)
 
 
-def goyal_series(run_dir: Path) -> tuple[list[float], list[float], float | None]:
-    """Per-update (time, data wait) from metrics.jsonl step records as bench_train reads them (the
-    trainer's ThroughputMeter window), and the last epoch's val top-1 error."""
+def goyal_series(run_dir: Path) -> tuple[list[float], list[float], list[bool], float | None]:
+    """Per-update (time, data wait, whether it is its epoch's first) from metrics.jsonl step records as
+    bench_train reads them (the trainer's ThroughputMeter window), and the last epoch's val top-1 error."""
     times, waits, _ = step_series(run_dir / "metrics.jsonl", ThroughputMeter().window)
-    epochs = read_run(run_dir).epochs
-    return times, waits, epochs[-1].val_top1_error if epochs else None
+    run = read_run(run_dir)
+    firsts = [i % run.header.updates_per_epoch == 0 for i in range(len(times))]
+    return times, waits, firsts, run.epochs[-1].val_top1_error if run.epochs else None
 
 
-def timm_series(lines: list[tuple[float, str]]) -> tuple[list[float], list[float]]:
-    """Per-update (time, data wait) from timm's `Train:` lines at --log-interval 1.
+def timm_series(lines: list[tuple[float, str]]) -> tuple[list[float], list[float], list[bool]]:
+    """Per-update (time, data wait, whether it is its epoch's first) from timm's `Train:` lines at
+    --log-interval 1.
 
     `Time: <val>s` is the update's own time. `Data: <val> (<avg>)` is a running mean over the epoch's
     micro-batches of accumulation x that micro-batch's wait, so after update i (0-based) of an epoch the
     waits so far sum to avg x (i + 1); the differences give each update's wait.
     """
-    times, waits, last = [], [], {}
+    times, waits, firsts, last = [], [], [], {}
     for _, line in lines:
         match = _TIMM_TRAIN.search(line)
         if not match:
@@ -333,8 +336,9 @@ def timm_series(lines: list[tuple[float, str]]) -> tuple[list[float], list[float
         cumulative = float(match[6]) * (index + 1)
         times.append(float(match[4]))
         waits.append(max(cumulative - last.get(epoch, 0.0), 0.0))
+        firsts.append(epoch not in last)
         last[epoch] = cumulative
-    return times, waits
+    return times, waits, firsts
 
 
 def timm_error(run_dir: Path) -> float | None:
@@ -355,19 +359,22 @@ def measure(name: str, cmd: list[str], env: dict, run_root: Path, args, kn: int,
         raise SystemExit(f"{name} exited with {out['returncode']}:\n{tail}")
     lines = out["lines"]
     if name == "goyal_train":
-        times, waits, error = goyal_series(run_root / "run")
+        times, waits, firsts, error = goyal_series(run_root / "run")
         first, last_eval = _first(lines, _GOYAL_STEP), _last(lines, _GOYAL_EPOCH_DONE)
     else:
-        times, waits = timm_series(lines)
+        times, waits, firsts = timm_series(lines)
         error = timm_error(run_root / "run")
         first, last_eval = _first(lines, _TIMM_TRAIN), _last(lines, _TIMM_TEST)
     lo, hi = args.warmup, args.warmup + args.updates
     if len(times) < hi:
         raise SystemExit(f"{name}: {len(times)} updates logged, the window needs {hi} (--warmup + --updates)")
     window_s = sum(times[lo:hi])
+    epoch_starts = [wait for wait, first in zip(waits[lo:hi], firsts[lo:hi]) if first]
     result = {
         "img_per_s": kn * (hi - lo) / window_s,
         "data_wait_pct": 100 * sum(waits[lo:hi]) / window_s,
+        "epoch_start_wait_s": statistics.mean(epoch_starts) if epoch_starts else float("nan"),
+        "epoch_start_wait_pct": 100 * sum(epoch_starts) / window_s,
         "wall_s": out["wall_s"],
         "after_exit_s": out["after_exit_s"],
         "startup_s": first if first is not None else float("nan"),
@@ -390,6 +397,8 @@ def measure(name: str, cmd: list[str], env: dict, run_root: Path, args, kn: int,
 
 METRICS = (("img_per_s", "steady-state img/s (updates {lo}-{hi})", "{:.1f}"),
            ("data_wait_pct", "data wait % of that time", "{:.1f}"),
+           ("epoch_start_wait_pct", "of it, at epochs' first updates, %", "{:.1f}"),
+           ("epoch_start_wait_s", "wait at an epoch's first update, s", "{:.3f}"),
            ("wall_s", "wall time of the run, s", "{:.1f}"),
            ("startup_s", "start to first update logged, s", "{:.1f}"),
            ("end_s", "last evaluation to exit, s", "{:.1f}"),

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -84,6 +85,7 @@ class Trainer:
         self.progress = Progress(self.updates_per_epoch, plan.global_batch_size, engine.device)
         # The update of this run's last checkpoint, None before its first (a failure then keeps the run directory).
         self.checkpointed_at: int | None = None
+        self._next_epoch_batches: Iterator | None = None  # opened at the previous epoch's end
         self._resume()
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=engine.is_main)
         self.samples = JsonlWriter(self.run_dir / f"samples_rank{engine.rank}.jsonl", enabled=cfg.debug.log_samples)
@@ -152,10 +154,10 @@ class Trainer:
         """The updates from the current position to the epoch's end or the run's stop."""
         engine, progress, U = self.engine, self.progress, self.updates_per_epoch
         epoch, kn = progress.epoch, self.plan.global_batch_size
-        self.data.train_sampler.set_epoch(epoch, start=progress.sampler_start(engine.world_size))
+        opened, self._next_epoch_batches = self._next_epoch_batches or self._open_epoch(), None
         self.model.train()
         epoch_start = time.perf_counter()
-        batches = self.meter.timed(self.data.train_loader)
+        batches = self.meter.timed(opened)
         bar = tqdm(total=U, initial=progress.update_in_epoch, desc=f"epoch {epoch + 1}", unit="update", leave=False,
                    disable=not (engine.is_main and sys.stderr.isatty()))
         while True:
@@ -171,12 +173,24 @@ class Trainer:
                 self._log_step(epoch, result.lr)
             if epoch_done:
                 bar.close()
+                if self.update < self.stop_at:
+                    # The loader workers build the next epoch's first batches while this one ends (BN averaging,
+                    # evaluation, checkpoint) instead of while its first update waits for them.
+                    self._next_epoch_batches = self._open_epoch()
                 self._end_epoch(epoch, time.perf_counter() - epoch_start)
             if checkpoint_due(self.update, U, self.cfg.run.checkpoint_every_updates, self.stop_at):
                 self._checkpoint()
             if epoch_done or self.update >= self.stop_at:
                 break
         bar.close()
+
+    def _open_epoch(self) -> Iterator:
+        """The training batches from the current position to the epoch's end. With loader workers, they start
+        on the first batches now: the sampler's order is fixed here, and each sample's draws are keyed by its
+        (epoch, index), so when they are built changes nothing they hold."""
+        progress = self.progress
+        self.data.train_sampler.set_epoch(progress.epoch, start=progress.sampler_start(self.engine.world_size))
+        return iter(self.data.train_loader)
 
     def _skipped(self, epoch: int) -> None:
         """Record a dropped update; stop after more than run.max_consecutive_nonfinite in a row."""

@@ -198,6 +198,9 @@ def test_vs_timm_goyal_side_runs_and_records(tmp_path, side_by_side):
     assert goyal["peak_rss_tree_mib"]["median"] > goyal["peak_rss_main_mib"]["median"] > 100
     assert goyal["startup_s"]["median"] + goyal["end_s"]["median"] < goyal["wall_s"]["median"]
     assert 0 <= goyal["data_wait_pct"]["median"] < 100 and 0 <= goyal["val_top1_error"]["median"] <= 100
+    # the window (updates 3-6 of 4 per epoch) holds one epoch's first update, update 5
+    assert 0 <= goyal["epoch_start_wait_pct"]["median"] <= goyal["data_wait_pct"]["median"]
+    assert goyal["epoch_start_wait_s"]["median"] >= 0
     assert record["derived"]["window_updates"] == [3, 6] and record["derived"]["global_batch_size"] == 16
     command = record["settings"]["commands"]["goyal_train"]
     assert "run.log_every_updates=1" in command and "data.root=<data>" in command
@@ -254,8 +257,9 @@ def test_vs_timm_reads_update_times_and_data_waits_from_timm_lines():
                          f"Time: {seconds:.3f}s,  209.84/s  (0.610s,  209.84/s)  LR: 1.000e-01  "
                          f"Data: {accum * w:.3f} ({total / count:.3f})"))
     lines.insert(3, (3.5, "Test: [   0/7]  Time: 0.100 (0.100)  Loss:   0.300 ( 0.300)  Acc@1:  90.000 ( 90.000)"))
-    times, waits = vs.timm_series(lines)
+    times, waits, firsts = vs.timm_series(lines)
     assert times == update_s
+    assert firsts == [True, False, False, True, False, False]
     expected = [sum(micro_waits[accum * u:accum * (u + 1)]) for u in range(len(update_s))]
     # the running mean is printed to 1 ms: each cumulative sum is within (i + 1) x 0.0005 s
     assert waits == pytest.approx(expected, abs=2 * updates_per_epoch * 0.0005)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,11 @@ from _loop import local_args, main_local, run_local
 from _runs import BUFFERS, EXPECTED_LR, RECIPE, REPO, UPDATES_PER_EPOCH, assert_lr_table, assert_same_run, \
     records, samples_by_epoch, step_losses
 from goyal_recipe.config import load_config
+from goyal_recipe.data.reader import SampleReader
 from goyal_recipe.engines.base import Engine, LaunchError
 from goyal_recipe.engines.local import LocalEngine
 from goyal_recipe.progress import UpdateSums, checkpoint_due
+from goyal_recipe.trainer import Trainer
 
 U = UPDATES_PER_EPOCH
 
@@ -81,6 +84,38 @@ def test_resume_equals_uninterrupted(reference, data_root, tmp_path, resume_from
         shutil.rmtree(run_dir / "checkpoints" / "update_000000006")
     run_local(data_root, tmp_path, "run", **same)
     assert [r["resumed_at_update"] for r in records(run_dir, "run")] == [0, resume_from]
+    assert_same_run(run_dir, reference)
+
+
+def test_next_epochs_batches_are_built_while_an_epoch_ends(reference, data_root, tmp_path, monkeypatch):
+    """With a loader worker, the next epoch's first samples are read while the epoch ends (here while it is
+    evaluated), before its first update asks for them; after the last epoch the sampler is not moved on. The run is
+    the uninterrupted one without workers, bit for bit."""
+    reads = tmp_path / "reads.txt"  # the epoch of each training sample the worker reads, a line each
+    read, evaluate, at_evaluation = SampleReader.__getitem__, Trainer.evaluate, []
+
+    def logged_read(self, key):
+        if self.seed is not None:
+            with open(reads, "a") as f:
+                f.write(f"{key[0]}\n")
+        return read(self, key)
+
+    def epochs_read():
+        return set(reads.read_text().split()) if reads.exists() else set()
+
+    def waiting_evaluate(self):
+        next_epoch = str(self.update // U)
+        deadline = time.monotonic() + (30 if self.update < self.stop_at else 0)
+        while next_epoch not in epochs_read() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        at_evaluation.append((self.update, self.data.train_sampler.epoch, next_epoch in epochs_read()))
+        return evaluate(self)
+
+    monkeypatch.setattr(SampleReader, "__getitem__", logged_read)
+    monkeypatch.setattr(Trainer, "evaluate", waiting_evaluate)
+    run_dir = run_local(data_root, tmp_path, "run", **{"data.workers": 1})
+    assert at_evaluation == [(4, 1, True), (8, 2, True), (12, 2, False)]
+    assert epochs_read() == {"0", "1", "2"}
     assert_same_run(run_dir, reference)
 
 
