@@ -277,6 +277,15 @@ def _epoch(data, epoch=1):
     return list(data.train_loader)
 
 
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_only_training_batches_are_page_locked_for_a_cuda_device(salted, decode):
+    """The trainer opens the next epoch's training batches before it evaluates: page-locked validation batches
+    would then add to the training ones. A CPU device pins neither."""
+    for device, train_pinned in (("cuda", True), ("cpu", False)):
+        data = _data(salted, "data.workers=2", f"data.decode={decode}", device=device)
+        assert (data.train_loader.loader.pin_memory, data.val_loader.loader.pin_memory) == (train_pinned, False)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_gpu_decode_on_cpu_gives_the_cpu_paths_batches(salted, workers):
     overrides = [f"data.workers={workers}", "data.bad_images=skip", "data.decode_draft=false"]

@@ -181,12 +181,14 @@ class StagedLoader:
 
 
 def build_staged_loader(reader: SampleReader, sampler: Iterable, batch_size: int, num_workers: int,
-                        device: torch.device | str, drop_last: bool = False, worker_seed: int = 0) -> StagedLoader:
+                        device: torch.device | str, drop_last: bool = False, worker_seed: int = 0,
+                        pin_memory: bool = True) -> StagedLoader:
     """The loader over `reader` with the stage that finishes its batches on `device`: images normalised
     float32 there, the other columns as the reader's rows have them.
 
-    decode=cpu (the reader decodes now): uint8 batches from the workers (pinned for CUDA), finished on
-    `device` as they are taken; for a CPU device, finished by the workers as they collate them.
+    decode=cpu (the reader decodes now): uint8 batches from the workers (pinned for CUDA unless
+    `pin_memory` is false), finished on `device` as they are taken; for a CPU device, finished by the
+    workers as they collate them.
     decode=gpu (`reader.defer_jpegs`): the workers' bytes and plans, decoded by `DecodeStage` on `device`.
     """
     device = torch.device(device)
@@ -195,6 +197,6 @@ def build_staged_loader(reader: SampleReader, sampler: Iterable, batch_size: int
     else:
         stage = FinishStage(reader.transform, device, in_workers=device.type == "cpu")
         collate = stage.collate if stage.in_workers else None
-    loader = build_loader(reader, sampler, batch_size, num_workers, pin_memory=device.type == "cuda",
+    loader = build_loader(reader, sampler, batch_size, num_workers, pin_memory=pin_memory and device.type == "cuda",
                           drop_last=drop_last, worker_seed=worker_seed, collate_fn=collate)
     return StagedLoader(loader, stage)
