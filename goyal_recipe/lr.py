@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -20,13 +21,31 @@ def _innermost_optimizer(optimizer: Optimizer) -> Optimizer:
     return optimizer
 
 
+def step_skipped_by_amp(optimizer: Optimizer, kwargs: dict) -> bool:
+    """Whether this `optimizer.step()` call is one a gradient scaler has told to skip its update.
+
+    For an optimizer with `_step_supports_amp_scaling` (torch's fused SGD, Adam, Adagrad), GradScaler
+    calls `step()` even when the gradients overflowed and the kernel skips the update itself: torch sets
+    `optimizer.found_inf` (a tensor) for the duration of the call; a custom optimizer may take it as a
+    `found_inf` keyword of `step()` instead. Other optimizers are not called at all on an overflow, so
+    neither is present. (A custom `step()` taking GradScaler's deprecated `grad_scaler` keyword reads
+    the overflow itself, out of sight of the hooks: such steps still count.)
+    """
+    found_inf = kwargs.get("found_inf", getattr(optimizer, "found_inf", None))
+    if found_inf is None:
+        return False
+    # A device-to-host read, once per step call: only fp16 loops with such an optimizer pay it.
+    return bool(torch.as_tensor(found_inf).ne(0).any())
+
+
 class GoyalLR(LRScheduler):
     """LR scheduler whose LR at optimizer update t (0-based) is `schedule.lr(t / updates_per_epoch)`.
 
     Progress is counted in real optimizer updates, by hooks on the optimizer, never in calls
     to `step()`. That keeps the LR right when a wrapper calls `step()` several times per update
     (accelerate steps a prepared scheduler once per process), when an update is skipped
-    (AMP overflow: `optimizer.step()` is not run), and under gradient accumulation. A pre-step
+    (AMP overflow: `optimizer.step()` is not run, or a fused optimizer's step runs with GradScaler's
+    non-zero `found_inf` and leaves the weights as they were), and under gradient accumulation. A pre-step
     hook sets every group's LR just before the update, so even a loop that never calls
     `scheduler.step()` uses the right LR; `step()` only refreshes `get_last_lr()`.
 
@@ -71,6 +90,8 @@ class GoyalLR(LRScheduler):
             self._apply()
 
     def _after_update(self, optimizer, args, kwargs) -> None:
+        if step_skipped_by_amp(optimizer, kwargs):
+            return  # not an update: the retry runs at the LR the pre-hook just set, as this attempt did
         # DeepSpeed's ZeRO-1/2 step the wrapped optimizer once per param group, narrowing its
         # param_groups to that group: an update is done once every group has stepped.
         self._stepped.update(id(group) for group in optimizer.param_groups)

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 import torch
 
 from .errors import UserError
+from .lr import step_skipped_by_amp
 
 __all__ = ["noise_scale_estimates", "GradientNoiseScale", "BackwardGradNorms", "grad_sq_norm", "DeferredNoiseScale",
            "LoopNoiseScale"]
@@ -220,7 +221,9 @@ class LoopNoiseScale:
     Each measured update adds one all-reduce of one number; the squared norms stay on the device
     until the averages are read (`tracker`, `fields()`, `state_dict()`). Under a gradient scaler
     (fp16), `grad_scaler.get_scale()` is divided out of the micro-batch norms; a step the scaler skips
-    leaves non-finite norms, so the next update is not measured.
+    is not an update (also when a fused optimizer's step runs with the scaler's non-zero `found_inf`) and
+    leaves non-finite norms, so the next update is not measured. A fused optimizer's `.grad` is still
+    scaled at its step (its kernel unscales): the scaler's `grad_scale` is divided out of |G_kn|^2.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], *, micro_batch_size: int, global_batch_size: int,
@@ -280,8 +283,21 @@ class LoopNoiseScale:
         """Measure in a pre-step hook of the innermost torch optimizer (under accelerate's or Trainer's wrapper)."""
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer
-        self._hook = optimizer.register_step_pre_hook(lambda *_: self.measure())
+        self._hook = optimizer.register_step_pre_hook(self._before_step)
         return self
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        # A fused optimizer's step that GradScaler skips is no update: its norms stay pending, as when
+        # GradScaler does not call step() at all, and poison the next measured update's.
+        if step_skipped_by_amp(optimizer, kwargs):
+            return
+        big_sq_norm = None
+        grad_scale = kwargs.get("grad_scale", getattr(optimizer, "grad_scale", None))
+        if grad_scale is not None and self._norms is not None:
+            # GradScaler leaves `.grad` scaled for an optimizer that unscales in its kernel (fused) and
+            # hands it the scale: divide it out here, as GradScaler's unscale_ does for the others.
+            big_sq_norm = grad_sq_norm(self.params) / torch.as_tensor(grad_scale, dtype=torch.float64).square()
+        self.measure(big_sq_norm)
 
     def remove(self) -> None:
         if self._hook is not None:

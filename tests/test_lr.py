@@ -155,3 +155,43 @@ def test_accelerate_prepared_scheduler_with_accumulation():
         if not torch.equal(before, model.weight):
             used.append(float(before[0, 0] - model.weight.detach()[0, 0]))
     assert used == pytest.approx(EXPECTED_LR[:10], rel=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["fused", "for-loop"])
+def test_steps_a_grad_scaler_skips_are_not_updates_with_either_optimizer_path(foreach):
+    # GradScaler calls a fused optimizer's step() on an overflow too, with `found_inf` set, and the kernel
+    # skips the update; a for-loop optimizer's step() it does not call. Neither attempt is an update.
+    from goyal_recipe import build_optimizer
+
+    model = nn.Linear(3, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    opt = build_optimizer(model, momentum=0.0, nesterov=False, weight_decay=0.0, foreach=foreach)
+    assert opt.defaults["fused"] is (True if foreach is None else None)
+    sched = GoyalLR(opt, SCHEDULE, UPDATES_PER_EPOCH)
+    lr_at_step_calls = []  # registered after GoyalLR's: sees the LR its pre-hook set for the attempt
+    opt.register_step_pre_hook(lambda o, args, kwargs: lr_at_step_calls.append(o.param_groups[0]["lr"]))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
+    overflows = {0, 1, 2, 8, 9}  # attempts whose gradient is made inf: 3 before update 0, 2 before update 5
+    used, after_skip = [], []
+    for attempt in range(12 + len(overflows)):
+        before = model.weight.detach().clone()
+        scaler.scale(model(torch.ones(1, 3, dtype=torch.float64)).sum()).backward()  # unscaled gradient: 1
+        if attempt in overflows:
+            model.weight.grad[0, 1] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad()
+        if attempt in overflows:
+            assert torch.equal(model.weight, before), attempt
+            after_skip.append(sched.updates_done)
+        else:
+            used.append(float(before[0, 0] - model.weight.detach()[0, 0]))
+    assert sched.updates_done == 12 and after_skip == [0, 0, 0, 5, 5]
+    assert used == pytest.approx(EXPECTED_LR[:12], rel=1e-12)
+    if foreach is None:  # a skipped attempt ran at the LR of the update that follows it
+        assert lr_at_step_calls == pytest.approx(EXPECTED_LR[:1] * 4 + EXPECTED_LR[1:5] + EXPECTED_LR[5:6] * 3
+                                                 + EXPECTED_LR[6:12], rel=1e-12)
+    else:
+        assert lr_at_step_calls == pytest.approx(EXPECTED_LR[:12], rel=1e-12)
+    assert sched.get_last_lr() == pytest.approx([EXPECTED_LR[12]])

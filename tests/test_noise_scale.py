@@ -355,3 +355,47 @@ def test_loop_recipe_watch_again_keeps_the_running_noise_averages():
     update(optimizer, 2)
     watch(resumed, optimizer)
     assert seen(resumed) == (3, 3)
+
+
+
+def test_loop_meter_does_not_count_steps_a_grad_scaler_skips():
+    """GradScaler calls a fused optimizer's step() on an overflow too (`found_inf` set, the kernel skips the
+    update) and a for-loop optimizer's not at all: either way the attempt is no update, and its non-finite
+    norms leave the retry unmeasured. The fused step's `.grad` is still scaled, unless the loop unscaled
+    it first: the same estimate either way. 6 updates of 2 micro-batches of 4; 3 attempts before them overflow."""
+    from goyal_recipe.noise_scale import LoopNoiseScale
+
+    def run(fused, unscale_first=False):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3).double()
+        nn.init.zeros_(model.weight)  # far from the minimum: |G|^2 well above its noise
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, **({"fused": True} if fused else {"foreach": False}))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
+        meter = LoopNoiseScale(model.parameters(), micro_batch_size=4, global_batch_size=8,
+                               grad_scaler=scaler).attach(optimizer)
+        generator = torch.Generator().manual_seed(1)
+        overflows, seen_after_skip = {0, 1, 5}, []  # 2 attempts before update 0, 1 before update 3
+        for attempt in range(9):
+            before = model.weight.detach().clone()
+            for micro_batch in range(2):
+                x = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+                loss = nn.functional.cross_entropy(model(x), x[:, :3].argmax(1)) / 2
+                if attempt in overflows and micro_batch == 0:
+                    loss = loss * float("inf")
+                scaler.scale(loss).backward()
+            if unscale_first:
+                scaler.unscale_(optimizer)  # as a loop that clips gradients does: no scale left for the kernel
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            if attempt in overflows:
+                assert torch.equal(model.weight, before), (fused, attempt)
+                seen_after_skip.append(meter.updates_seen)
+        assert seen_after_skip == [0, 0, 3] and meter.updates_seen == 6, fused
+        assert meter.tracker.updates == 4, fused  # updates 0 and 3 summed their attempt's non-finite norms
+        return meter.fields()
+
+    fused = run(fused=True)
+    assert fused["noise_scale"] > 0
+    assert fused == pytest.approx(run(fused=False), rel=1e-12)
+    assert fused == pytest.approx(run(fused=True, unscale_first=True), rel=1e-12)
