@@ -158,6 +158,8 @@ def _data_findings(sampler, parts, world_size, kn, accumulation, n, goyal, loade
                 f"the sampler keeps {sampler.kept_samples} samples per epoch, not a whole number of updates of "
                 f"kn = {kn}: the epoch's last update would be short; build it with batch_size=micro-batch and "
                 "accumulation_steps so that batch_size x num_replicas x accumulation_steps = kn", True))
+    if loader is not None and parts.sampler is not None and not isinstance(parts.sampler, EpochShuffleSampler):
+        findings += _loader_epoch_findings(parts, loader, kn, accumulation)
     if isinstance(goyal, GoyalLR) and n and world_size:
         per_rank = None
         if isinstance(sampler, EpochShuffleSampler):
@@ -177,6 +179,37 @@ def _data_findings(sampler, parts, world_size, kn, accumulation, n, goyal, loade
                     f"warmup and milestones land at the wrong epochs; build GoyalLR with the data's updates per "
                     f"epoch (num_samples // kn){fix}", True))
     return findings
+
+
+def _loader_epoch_findings(parts, loader, kn, accumulation) -> list[Finding]:
+    """Whether an epoch of a loader not batched by the recipe's sampler is a whole number of full updates.
+
+    torch's DistributedSampler and RandomSampler (shuffle=True) know nothing of updates: a short
+    last batch, or micro-batches left over after the last whole update, end the epoch in an update of
+    other than kn samples (accelerate ends it short at the loader's end, a DDP loop carries it into the
+    next epoch) that the LR schedule's updates per epoch do not count.
+    """
+    try:
+        samples, micro_batches = len(parts.sampler), len(loader)
+    except TypeError:  # an iterable-style loader: its epoch's length is unknown
+        return []
+    short = samples % parts.batch_size if parts.batch_size and parts.drop_last is False else 0
+    extra = micro_batches % accumulation
+    if not short and not extra:
+        return []
+    causes, whole = [], f"kn = {kn}" if kn else "kn"
+    if short:
+        causes.append(f"{type(parts.sampler).__name__} yields {samples} samples per epoch, cut into batches of "
+                      f"{parts.batch_size} with a last one of {short} (drop_last=False)")
+    if extra:
+        causes.append(f"each rank reads {micro_batches} micro-batches per epoch, {extra} past the last whole "
+                      f"update of {accumulation}")
+    return [Finding(
+        "partial_update",
+        f"{'; '.join(causes)}: the epoch's last update does not hold {whole} fresh samples (it is short, padded "
+        "with repeats or runs into the next epoch), each still weighted 1/kn, and the LR schedule does not count "
+        "it; use recipe.sampler (an EpochShuffleSampler), or drop_last=True with a sample count that fills whole "
+        "updates", True)]
 
 
 def __getattr__(name: str):

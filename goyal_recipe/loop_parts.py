@@ -39,6 +39,8 @@ class LoaderParts:
     sampler: object | None  # the index sampler under any batch sampler
     shards: int  # how many ways the loader itself splits the batches (accelerate's BatchSamplerShard)
     micro_batch: int | None  # samples per micro-batch on one rank
+    batch_size: int | None = None  # the batches the sampler's samples are cut into, before a loader shards them
+    drop_last: bool | None = None  # whether that batching drops a short last batch (None: not known)
 
 
 def loader_parts(loader) -> LoaderParts:
@@ -46,6 +48,7 @@ def loader_parts(loader) -> LoaderParts:
     shards, split_batches, batch_size = 1, False, getattr(loader, "batch_size", None)
     node = getattr(loader, "batch_sampler", None)
     sampler = getattr(loader, "sampler", None)
+    drop_last = None
     while node is not None:
         if hasattr(node, "num_processes") and hasattr(node, "process_index"):
             shards *= int(node.num_processes)
@@ -55,10 +58,11 @@ def loader_parts(loader) -> LoaderParts:
         inner = getattr(node, "batch_sampler", None)
         if inner is None:
             sampler = getattr(node, "sampler", sampler)
+            drop_last = getattr(node, "drop_last", None)
             break
         node = inner
     micro = None if batch_size is None else (batch_size // shards if split_batches else batch_size)
-    return LoaderParts(sampler, shards, micro)
+    return LoaderParts(sampler, shards, micro, batch_size, drop_last)
 
 
 def _sampler_replicas(sampler) -> int:

@@ -171,6 +171,59 @@ def test_partial_last_update():
     assert "partial_update" in codes(loader=loader)
 
 
+def _foreign_loader(num_samples, split_by, drop_last=False):
+    """A DataLoader of micro-batches of N with torch's sampler: DistributedSampler over the 2 ranks (the DDP
+    idiom), or RandomSampler (shuffle=True) whose batches accelerate's prepare() deals to the 2 ranks."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import DistributedSampler
+
+    dataset = TensorDataset(torch.arange(num_samples))
+    if split_by == "sampler":
+        sampler = DistributedSampler(dataset, num_replicas=WORLD, rank=0, seed=0)
+        return DataLoader(dataset, batch_size=N, sampler=sampler, drop_last=drop_last)
+    batches = BatchSampler(RandomSampler(dataset), N, drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=BatchSamplerShard(batches, num_processes=WORLD, process_index=0))
+
+
+def foreign_loop(num_samples, split_by, drop_last=False):
+    parts = loop(loader=_foreign_loader(num_samples, split_by, drop_last))
+    parts["scheduler"] = GoyalLR(parts["optimizer"], schedule(), num_samples // KN)
+    return parts
+
+
+def test_epoch_of_partial_updates_from_torchs_samplers():
+    # 200 samples, kn = 64: 3 updates. DistributedSampler gives each rank 100, 6 micro-batches of 16 and one of 4:
+    # the 4th update holds 16 + 4 samples per rank (or the next epoch's), each weighted 1/64.
+    found = audit(**foreign_loop(200, "sampler"))
+    assert [f.code for f in found] == ["partial_update"] and found[0].silent
+    assert found[0].message.startswith(
+        "DistributedSampler yields 100 samples per epoch, cut into batches of 16 with a last one of 4 (drop_last="
+        "False); each rank reads 7 micro-batches per epoch, 1 past the last whole update of 2: the epoch's last "
+        "update does not hold kn = 64 fresh samples")
+    assert found[0].message.endswith(
+        "use recipe.sampler (an EpochShuffleSampler), or drop_last=True with a sample count that fills whole updates")
+    with pytest.raises(RecipeMismatch, match=r"^partial_update: DistributedSampler yields 100 samples"):
+        refuse_silent(found)
+    # accelerate's prepare of DataLoader(shuffle=True): 13 batches of 16 (the last of 8) dealt to 2 ranks, 7 each.
+    found = audit(**foreign_loop(200, "loader"))
+    assert [f.code for f in found] == ["partial_update"]
+    assert found[0].message.startswith(
+        "RandomSampler yields 200 samples per epoch, cut into batches of 16 with a last one of 8 (drop_last=False); "
+        "each rank reads 7 micro-batches per epoch, 1 past the last whole update of 2:")
+    # Full batches only, but 7 per rank: the last update is one micro-batch short.
+    for split_by in ("sampler", "loader"):
+        found = audit(**foreign_loop(224, split_by, drop_last=True))
+        assert [f.code for f in found] == ["partial_update"]
+        assert found[0].message.startswith(
+            "each rank reads 7 micro-batches per epoch, 1 past the last whole update of 2: ")
+
+
+def test_torchs_samplers_filling_whole_updates_are_accepted():
+    for split_by in ("sampler", "loader"):
+        assert audit(**foreign_loop(256, split_by)) == []  # 128 per rank: 8 micro-batches, 4 updates
+        assert audit(**foreign_loop(200, split_by, drop_last=True)) == []  # 6 per rank: 3 updates, 8 dropped
+
+
 def test_schedule_counting_other_updates_per_epoch_than_the_data():
     parts = loop()
     parts["scheduler"] = GoyalLR(parts["optimizer"], schedule(), 8)

@@ -107,6 +107,9 @@ MISTAKES = {
     "bn_decay": "norm_weight_decay",  # torch.optim.SGD(model.parameters(), weight_decay=...)
     "own_sampler": "sampler_not_checkpointed",  # save_state would keep the LR, not this sampler's position
     "loader_not_prepared": "data_not_split",
+    # accelerate's own idiom DataLoader(shuffle=True) on 100 samples: 13 batches of 8 (the last of 4) dealt to 2
+    # processes, 7 each (the last padded with repeats), for updates of 2: a 4th update of 16 samples per epoch
+    "shuffle_true": "partial_update",
 }
 
 
@@ -120,6 +123,8 @@ def _mistake(name):
     accelerator = Accelerator(gradient_accumulation_steps=ACCUMULATION,
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     data = example_data.dataset(torch.float64)
+    if name == "shuffle_true":
+        data = torch.utils.data.TensorDataset(*[t[:100] for t in data.tensors])
     net = example_data.model(torch.float64)
     recipe = AccelerateRecipe(accelerator, SCHEDULE, num_samples=len(data), per_device_batch_size=8,
                               bn_group_size=8)
@@ -133,6 +138,8 @@ def _mistake(name):
     else:
         optimizer = build_optimizer(net, weight_decay=1e-4)
     loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
+    if name == "shuffle_true":
+        loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
     if name == "loader_not_prepared":
         net, optimizer = accelerator.prepare(net, optimizer)
         recipe.watch(net, optimizer, loader)

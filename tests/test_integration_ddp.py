@@ -99,6 +99,18 @@ def test_recipe_state_puts_the_data_where_the_lr_is():
         recipe.load_state_dict({**recipe.state_dict(), "global_batch_size": 64})
 
 
+def test_each_epoch_starts_an_update_whatever_the_last_epoch_left():
+    recipe = one_process_recipe()  # accumulation 4
+    model, updates = torch.nn.Linear(2, 2), []
+    for epoch in recipe.epochs():
+        for _ in range(5 if epoch == 0 else 4):  # epoch 0 leaves one micro-batch past its last update
+            with recipe.accumulate(model) as update:
+                updates.append((epoch, update))
+        if epoch == 1:
+            break
+    assert [update for epoch, update in updates if epoch == 1] == [False, False, False, True]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resume and mistakes, in a user's loop (run under torchrun by the `run` fixture)
 
@@ -107,6 +119,9 @@ MISTAKES = {
     "sampler_not_split": "data_not_split",  # every rank reads the whole epoch
     "no_set_epoch": "sampler_not_reshuffled",  # epoch 1 repeats epoch 0's order: refused at its first update
     "scheduler_only_resume": "data_position",  # the LR restored, the data not: epoch 1 restarts at its first sample
+    # torch's DistributedSampler on 100 samples: 50 per rank, 7 micro-batches of 8 (the last of 2) per epoch for
+    # updates of 2: the 4th update would take 20 samples, across two epochs
+    "dist_sampler": "partial_update",
 }
 
 
@@ -117,6 +132,8 @@ def _loop(name=None, *, state=None, stop_after=None):
     from goyal_recipe.integrations.ddp import DDPRecipe
 
     data = example_data.dataset(torch.float64)
+    if name == "dist_sampler":
+        data = torch.utils.data.TensorDataset(*[t[:100] for t in data.tensors])
     recipe = DDPRecipe(SCHEDULE, num_samples=len(data), per_device_batch_size=8, bn_group_size=8,
                        noise_scale_every_updates=2)
     net = DistributedDataParallel(example_data.model(torch.float64), broadcast_buffers=False)
@@ -124,6 +141,8 @@ def _loop(name=None, *, state=None, stop_after=None):
     scheduler = recipe.make_scheduler(optimizer)
     sampler = EpochShuffleSampler(len(data), batch_size=8, accumulation_steps=4) if name == "sampler_not_split" \
         else recipe.sampler
+    if name == "dist_sampler":
+        sampler = torch.utils.data.DistributedSampler(data, seed=0)
     loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
     if state is not None:
         net.module.load_state_dict(state["model"])

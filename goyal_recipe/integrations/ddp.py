@@ -76,6 +76,12 @@ class DDPRecipe(LoopRecipe):
         with model.no_sync() if skip_sync else contextlib.nullcontext():
             yield self.sync_gradients
 
+    def epochs(self, loader=None):
+        """`LoopRecipe.epochs`; each epoch's first micro-batch starts an update, whatever the last epoch left."""
+        for epoch in super().epochs(loader):
+            self._micro_batch = 0
+            yield epoch
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._micro_batch = 0  # checkpoints are taken between updates
