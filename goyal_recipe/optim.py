@@ -219,7 +219,13 @@ def build_optimizer(
     if kind == "sgd":
         kinds = {(p.device, p.dtype) for group in groups for p in group["params"]}
         if foreach is None and kinds and all(_fused_sgd_runs_on(*kind) for kind in kinds):
-            return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=True)
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=True)
+            # GradScaler hands a fused optimizer its overflow flag and lets the kernel skip the update, and torch's
+            # fused SGD kernel then still writes the momentum buffer (uninitialised memory on a first step): the
+            # updates after a skipped fp16 step go wrong. Without the flag GradScaler unscales the gradients
+            # itself and does not call step() on an overflow, as for any optimizer.
+            optimizer._step_supports_amp_scaling = False
+            return optimizer
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
                                foreach=True if foreach is None else foreach)
     if kind == "folded_sgd":

@@ -157,16 +157,21 @@ def test_accelerate_prepared_scheduler_with_accumulation():
     assert used == pytest.approx(EXPECTED_LR[:10], rel=1e-12)
 
 
-@pytest.mark.parametrize("foreach", [None, False], ids=["fused", "for-loop"])
-def test_steps_a_grad_scaler_skips_are_not_updates_with_either_optimizer_path(foreach):
+@pytest.mark.parametrize("path", ["torch_fused", "build_optimizer", "for_loop"])
+def test_steps_a_grad_scaler_skips_are_not_updates_with_either_optimizer_path(path):
     # GradScaler calls a fused optimizer's step() on an overflow too, with `found_inf` set, and the kernel
-    # skips the update; a for-loop optimizer's step() it does not call. Neither attempt is an update.
+    # skips the update; a for-loop optimizer's step() it does not call, nor build_optimizer's fused SGD's (it
+    # leaves the skip to GradScaler). None of these attempts is an update.
     from goyal_recipe import build_optimizer
 
     model = nn.Linear(3, 1, bias=False).double()
     nn.init.zeros_(model.weight)
-    opt = build_optimizer(model, momentum=0.0, nesterov=False, weight_decay=0.0, foreach=foreach)
-    assert opt.defaults["fused"] is (True if foreach is None else None)
+    if path == "torch_fused":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    else:
+        opt = build_optimizer(model, momentum=0.0, nesterov=False, weight_decay=0.0,
+                              foreach=None if path == "build_optimizer" else False)
+    assert opt.defaults["fused"] is (None if path == "for_loop" else True)
     sched = GoyalLR(opt, SCHEDULE, UPDATES_PER_EPOCH)
     lr_at_step_calls = []  # registered after GoyalLR's: sees the LR its pre-hook set for the attempt
     opt.register_step_pre_hook(lambda o, args, kwargs: lr_at_step_calls.append(o.param_groups[0]["lr"]))
@@ -189,7 +194,7 @@ def test_steps_a_grad_scaler_skips_are_not_updates_with_either_optimizer_path(fo
             used.append(float(before[0, 0] - model.weight.detach()[0, 0]))
     assert sched.updates_done == 12 and after_skip == [0, 0, 0, 5, 5]
     assert used == pytest.approx(EXPECTED_LR[:12], rel=1e-12)
-    if foreach is None:  # a skipped attempt ran at the LR of the update that follows it
+    if path == "torch_fused":  # a skipped attempt ran at the LR of the update that follows it
         assert lr_at_step_calls == pytest.approx(EXPECTED_LR[:1] * 4 + EXPECTED_LR[1:5] + EXPECTED_LR[5:6] * 3
                                                  + EXPECTED_LR[6:12], rel=1e-12)
     else:

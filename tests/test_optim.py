@@ -160,3 +160,30 @@ def test_sgd_fast_paths_equal_the_per_tensor_loop(nesterov):
     assert torch.equal(run_trajectory(sgd(foreach=True)), loop)
     fused = run_trajectory(sgd())
     assert torch.allclose(fused, loop, rtol=1e-11, atol=1e-14)
+
+
+def test_a_grad_scalers_skipped_step_leaves_the_fused_sgd_untouched():
+    """fp16's GradScaler skips a step whose gradients overflowed. Given the fused kernel's overflow flag, torch's
+    fused SGD still wrote its momentum buffer (uninitialised memory on a first step) and the next updates went
+    wrong; build_optimizer's SGD leaves the skip to GradScaler: no state, no change, then the per-tensor path's
+    updates."""
+    def train(path):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        optimizer = build_optimizer(model, "sgd", **path)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        before = [p.detach().clone() for p in model.parameters()]
+        for step in range(4):
+            loss = nn.functional.cross_entropy(model(x), y) * (float("inf") if step == 0 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            if step == 0:
+                assert optimizer.state == {} or all("momentum_buffer" not in s for s in optimizer.state.values())
+                assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert build_optimizer(nn.Linear(2, 2), "sgd").defaults["fused"] is True
+    assert torch.allclose(train({}), train({"foreach": False}), rtol=1e-6, atol=1e-7)
