@@ -15,8 +15,11 @@ wrappers alike) and, at the first real update:
 - logs the reported findings on rank 0 and raises `RecipeMismatch` on a silent one (every rank
   reaches the same verdict: the runtime numbers are all-reduced first).
 
-Loss helpers report each micro-batch to the active checks with `record_loss(num_samples, scale)`
-(`global_batch_loss` does, so its use under an engine that divides again is caught). The hooks stay
+Loss helpers report each micro-batch to the active checks with `record_loss(num_samples, scale, loss)`
+(`global_batch_loss` does, so its use under an engine that divides again is caught). The gradient that
+reaches the reported loss in the backward shows what scaled it after the helper: the engine's own
+division, a loss scaler's factor, and anything the loop did to it (a `/ accumulation_steps` of its own,
+say), so the weight each sample really got is measured, not assumed. The hooks stay
 until the first update of the next epoch, where the sampler must have moved to that epoch (a
 sampler that does not reshuffle per epoch), and are then removed: no cost afterwards.
 """
@@ -26,12 +29,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
 from .audit import Finding, allowed, refuse_silent
 from .loop_parts import _sampler_replicas, unwrap_scheduler
-from .lr import GoyalLR, _innermost_optimizer
+from .lr import GoyalLR, _innermost_optimizer, step_skipped_by_amp
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -40,10 +44,24 @@ _WEIGHT_TOLERANCE = 1e-6  # relative; a wrong normalisation is off by a whole fa
 _ACTIVE: list["FirstUpdateCheck"] = []
 
 
-def record_loss(num_samples: int, scale: float) -> None:
-    """Called by loss helpers per micro-batch: `num_samples` per-sample losses, each multiplied by `scale`."""
+def record_loss(num_samples: int, scale: float, loss: torch.Tensor | None = None) -> None:
+    """Called by loss helpers per micro-batch: `num_samples` per-sample losses, each multiplied by `scale`, summed
+    into `loss` (the tensor the helper returns for the backward)."""
     for check in _ACTIVE:
-        check.record_loss(num_samples, scale)
+        check.record_loss(num_samples, scale, loss)
+
+
+@dataclass
+class _LossRecord:
+    """One micro-batch's loss as a helper reported it."""
+
+    num_samples: int
+    scale: float
+    divisor: int | None = None  # what the engine's backward divides it by, as the integration says
+    grad: torch.Tensor | None = None  # d(what was back-propagated) / d(this loss), taken in the backward
+
+    def arrived(self, grad: torch.Tensor) -> None:
+        self.grad = grad.detach()
 
 
 class FirstUpdateCheck:
@@ -62,13 +80,17 @@ class FirstUpdateCheck:
     integration's advice for a wrong loss normalisation. `accumulation_steps`: micro-batches per
     update (a loss the check did not see is refused when a per-micro-batch mean would be wrong).
     `on_remove`: called once the hooks are gone (to undo an integration's own instrumentation).
+    `loss_scale`: returns the factor a loss scaler multiplied this update's losses by (fp16's GradScaler's
+    scale; default: no scaler, 1.0), or None where the integration cannot read it (DeepSpeed's fp16): then
+    a loss that reached the backward scaled otherwise than the engine's division is only reported.
     """
 
     def __init__(self, optimizer, *, global_batch_size: int | None = None, world_size: int = 1, loss_divisor: int = 1,
                  grad_reduction: str = "mean", static: Callable[[], list[Finding]] | None = None,
                  scheduler=None, schedule: Schedule | None = None, sampler=None, allow: Iterable[str] = (),
                  fix_loss: str = "normalise each micro-batch's per-sample losses with global_batch_loss",
-                 accumulation_steps: int = 1, on_remove: Callable[[], None] | None = None, data_skipped: int = 0):
+                 accumulation_steps: int = 1, on_remove: Callable[[], None] | None = None, data_skipped: int = 0,
+                 loss_scale: Callable[[], float | None] | None = None):
         self.optimizer = _innermost_optimizer(optimizer)
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.world_size = int(world_size)
@@ -83,23 +105,27 @@ class FirstUpdateCheck:
         self.fix_loss = fix_loss
         self.accumulation_steps = int(accumulation_steps)
         self.on_remove = on_remove
+        self.loss_scale = loss_scale or (lambda: 1.0)
         self.findings: list[Finding] | None = None  # what the first update found
-        self._pending: list[tuple[int, float]] = []  # reported losses whose backward has not said its divisor
-        self._samples = 0
-        self._weighted = 0.0  # sum over samples of (weight in the gradient x kn): kn x 1/kn = 1 each when right
-        self._wrong = 0
-        self._records = 0
+        self._pending: list[_LossRecord] = []  # reported losses whose backward has not said its divisor
+        self._settled: list[_LossRecord] = []
         self._clip: float | None = None
         self._first_update: int | None = None
         self._first_epoch: int | None = None
         self._handles = [self.optimizer.register_step_pre_hook(self._before_update)]
         _ACTIVE.append(self)
+        self._watch_zero_grad()
 
     # what the loop reports while it runs
-    def record_loss(self, num_samples: int, scale: float) -> None:
-        """A loss helper's micro-batch: `num_samples` per-sample losses, each multiplied by `scale`."""
-        if self.global_batch_size is not None:
-            self._pending.append((int(num_samples), float(scale)))
+    def record_loss(self, num_samples: int, scale: float, loss: torch.Tensor | None = None) -> None:
+        """A loss helper's micro-batch: `num_samples` per-sample losses, each multiplied by `scale`, summed
+        into `loss`, whose gradient in the backward is recorded."""
+        if self.global_batch_size is None:
+            return
+        record = _LossRecord(int(num_samples), float(scale))
+        if loss is not None and loss.requires_grad:
+            loss.register_hook(record.arrived)
+        self._pending.append(record)
 
     def record_backward(self, loss_divisor: int) -> None:
         """The engine's backward of the losses reported so far divides them by `loss_divisor`."""
@@ -107,14 +133,25 @@ class FirstUpdateCheck:
         self._settle()
 
     def _settle(self) -> None:
-        reduction = self.world_size if self.grad_reduction == "mean" else 1
-        for num_samples, scale in self._pending:
-            weight = scale / self.loss_divisor / reduction
-            self._samples += num_samples
-            self._weighted += num_samples * weight * self.global_batch_size
-            self._wrong += abs(weight * self.global_batch_size - 1.0) > _WEIGHT_TOLERANCE
-            self._records += 1
-        self._pending.clear()
+        for record in self._pending:
+            record.divisor = self.loss_divisor
+        self._settled += self._pending
+        self._pending = []
+
+    def _discard(self) -> None:
+        """The gradients of the losses reported so far are gone (zeroed, or a loss scaler's skipped step): no
+        update carries them, so they are not the first update's."""
+        self._pending, self._settled = [], []
+
+    def _watch_zero_grad(self) -> None:
+        optimizer, zero_grad = self.optimizer, self.optimizer.zero_grad
+
+        def watched(*args, **kwargs):
+            self._discard()
+            return zero_grad(*args, **kwargs)
+
+        optimizer.zero_grad = watched
+        self._unwatch_zero_grad = lambda: optimizer.__dict__.pop("zero_grad", None)
 
     def record_clipping(self, max_norm: float) -> None:
         self._clip = float(max_norm)
@@ -132,6 +169,7 @@ class FirstUpdateCheck:
     def _detach(self) -> None:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
+            self._unwatch_zero_grad()
         if self.on_remove is not None:
             self.on_remove()
             self.on_remove = None
@@ -156,6 +194,9 @@ class FirstUpdateCheck:
     def _before_update(self, optimizer, args, kwargs) -> None:
         if not self._handles:
             return  # done; the handle goes after this step
+        if step_skipped_by_amp(optimizer, kwargs):  # GradScaler found inf and the fused kernel skips: no update
+            self._discard()
+            return
         try:
             done = self._check_first() if self.findings is None else self._check_next_epoch()
         except BaseException:
@@ -167,6 +208,7 @@ class FirstUpdateCheck:
     def _check_first(self) -> bool:
         """The first update's check; True when nothing is left to check."""
         findings = list(self.static()) + self._runtime_findings()
+        self._settled = []
         self.findings = allowed(findings, self.allow)
         self._report(self.findings)
         refuse_silent(self.findings)
@@ -176,6 +218,7 @@ class FirstUpdateCheck:
         if update is None or self._first_epoch is None:
             return True
         _ACTIVE.remove(self)  # the loss is checked once; the hook waits for the next epoch
+        self._unwatch_zero_grad()
         return False
 
     def _check_next_epoch(self) -> bool:
@@ -199,9 +242,31 @@ class FirstUpdateCheck:
                 if not f.silent:
                     log.warning("recipe audit: %s", f)
 
-    def _reduced(self) -> tuple[int, float, int, int]:
+    def _weights(self) -> list[float]:
+        """[samples, sum over samples of (weight in the gradient x kn), records whose weight is not 1/kn, records,
+        records scaled by a loss scaler the check cannot read] of the losses reported so far."""
         self._settle()  # losses whose backward no integration reported: plain loss.backward()
-        values = [float(self._samples), self._weighted, float(self._wrong), float(self._records)]
+        reduction = self.world_size if self.grad_reduction == "mean" else 1
+        declared = self.loss_scale()
+        samples = weighted = wrong = unread = 0.0
+        for record in self._settled:
+            per_divisor = 1.0 / record.divisor  # what reaches the loss when nothing else scales it
+            tolerance = _WEIGHT_TOLERANCE
+            if record.grad is not None:
+                arrived = float(record.grad)
+                tolerance = max(tolerance, 2 * torch.finfo(record.grad.dtype).eps)
+                if declared is not None:
+                    per_divisor = arrived / declared
+                elif not math.isclose(arrived * record.divisor, 1.0, rel_tol=tolerance):
+                    unread += 1  # a loss scaler's factor, or a wrong one: the divisor stays as reported
+            weight = record.scale * per_divisor / reduction
+            samples += record.num_samples
+            weighted += record.num_samples * weight * self.global_batch_size
+            wrong += abs(weight * self.global_batch_size - 1.0) > tolerance
+        return [samples, weighted, wrong, float(len(self._settled)), unread]
+
+    def _reduced(self) -> tuple[int, float, int, int, int]:
+        values = self._weights()
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             device = next((p.device for g in self.optimizer.param_groups for p in g["params"]), torch.device("cpu"))
             if torch.distributed.get_backend() == "gloo":
@@ -209,13 +274,13 @@ class FirstUpdateCheck:
             tensor = torch.tensor(values, dtype=torch.float64, device=device)
             torch.distributed.all_reduce(tensor)
             values = tensor.tolist()
-        samples, weighted, wrong, records = values
-        return int(round(samples)), weighted, int(round(wrong)), int(round(records))
+        samples, weighted, wrong, records, unread = values
+        return int(round(samples)), weighted, int(round(wrong)), int(round(records)), int(round(unread))
 
     def _runtime_findings(self) -> list[Finding]:
         findings = []
         kn = self.global_batch_size
-        samples, weighted, wrong, records = self._reduced()
+        samples, weighted, wrong, records, unread = self._reduced()
         if kn is None:
             pass
         elif records == 0:
@@ -241,6 +306,12 @@ class FirstUpdateCheck:
                     f"each sample's gradient carries {factor:.6g} x 1/kn instead of 1/kn (Remark 3: the update is "
                     f"the mean over all kn samples){' - the loss is divided a second time' if twice else ''}; "
                     f"{self.fix_loss}", True))
+            if unread:
+                findings.append(Finding(
+                    "loss_scale_unchecked",
+                    f"{unread} micro-batch losses reached the backward scaled by more than the engine's division, as "
+                    "a loss scaler (fp16) whose scale the recipe cannot read here scales them: the factor is "
+                    "unchecked", False))
         if self._clip is not None:
             findings.append(Finding(
                 "grad_clipping",

@@ -32,5 +32,6 @@ def global_batch_loss(per_sample_loss: torch.Tensor, global_batch_size: int, wor
     if global_batch_size <= 0 or world_size <= 0:
         raise ValueError(f"global_batch_size and world_size must be > 0, got {global_batch_size}, {world_size}")
     scale = (world_size if grad_reduction == "mean" else 1) / global_batch_size
-    record_loss(per_sample_loss.numel(), scale)  # lets a FirstUpdateCheck see the normalisation really used
-    return per_sample_loss.sum() * scale
+    loss = per_sample_loss.sum() * scale
+    record_loss(per_sample_loss.numel(), scale, loss)  # lets a FirstUpdateCheck see the normalisation really used
+    return loss

@@ -268,7 +268,7 @@ def first_update(loss_of, *, micro_batches=2, n=32, loss_divisor=1, clip=None, k
     x, y = torch.randn(micro_batches * n, 4), torch.randint(0, 3, (micro_batches * n,))
     try:
         for xb, yb in zip(x.split(n), y.split(n)):
-            loss_of(F.cross_entropy(model(xb), yb, reduction="none")).backward()
+            (loss_of(F.cross_entropy(model(xb), yb, reduction="none")) / loss_divisor).backward()  # the engine's
         if clip is not None:
             checker.record_clipping(clip)
         optimizer.step()
@@ -289,6 +289,69 @@ def test_loss_divided_twice():
     # accelerate's accumulate(): backward divides by 2 a loss already divided by kn.
     _, error, moved = first_update(lambda losses: global_batch_loss(losses, 64), loss_divisor=2)
     assert error.startswith("loss_divided_twice: each sample's gradient carries 0.5 x 1/kn") and not moved
+
+
+def test_loss_divided_again_after_the_helper_is_measured_in_the_backward():
+    """A loop that divides the helper's loss once more (accelerate's manual accumulation idiom, `loss / A`) gives
+    half the gradient: the gradient reaching the helper's loss shows it, whatever the integration declared."""
+    _, error, moved = first_update(lambda losses: global_batch_loss(losses, 64) / 2)
+    assert error.startswith("loss_divided_twice: each sample's gradient carries 0.5 x 1/kn") and not moved
+    _, error, moved = first_update(lambda losses: global_batch_loss(losses, 64) * 3)
+    assert error.startswith("loss_scale: each sample's gradient carries 3 x 1/kn") and not moved
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["scale read", "scale unreadable"])
+def test_a_loss_scalers_factor_is_told_from_a_wrong_normalisation(declared):
+    """fp16's loss scaling multiplies the loss by 2^16: with the scale read, it is divided out and a right loop passes
+    while a loop that also halves the loss is refused; where the integration cannot read it (DeepSpeed's fp16), any
+    factor is reported as unchecked, never refused."""
+    scale = (lambda: 65536.0) if declared else (lambda: None)
+    checker, error, moved = first_update(lambda losses: global_batch_loss(losses, 64) * 65536.0, loss_scale=scale)
+    assert error is None and moved
+    assert [f.code for f in checker.findings] == ([] if declared else ["loss_scale_unchecked"])
+    checker, error, moved = first_update(lambda losses: global_batch_loss(losses, 64) * 32768.0, loss_scale=scale)
+    if declared:
+        assert error.startswith("loss_divided_twice: each sample's gradient carries 0.5 x 1/kn") and not moved
+    else:
+        assert error is None and moved and [f.code for f in checker.findings] == ["loss_scale_unchecked"]
+    # no loss scaler (the default): the factor is the loop's own
+    _, error, _ = first_update(lambda losses: global_batch_loss(losses, 64) * 65536.0)
+    assert error.startswith("loss_scale: each sample's gradient carries 65536 x 1/kn")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "for-loop"])
+def test_gradients_dropped_before_the_update_are_not_the_updates(fused):
+    """What is zeroed before the step is no part of the update: a loop that zeroes the gradients at each of the 2
+    micro-batches steps with 32 samples' gradient, not kn = 64's (refused); a loss scaler's skipped attempts
+    (GradScaler does not call a for-loop step(), and tells a fused one to skip) do not add to the first update's
+    samples (passes, at its first real update)."""
+    def run(zero_each_micro_batch, overflows):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        optimizer = (torch.optim.SGD(model.parameters(), lr=0.1, fused=True) if fused
+                     else build_optimizer(model, weight_decay=0.0, foreach=False))
+        scheduler = GoyalLR(optimizer, schedule(), 4)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        check = FirstUpdateCheck(optimizer, global_batch_size=64, scheduler=scheduler, accumulation_steps=2,
+                                 loss_scale=scaler.get_scale)
+        try:
+            for attempt in range(overflows + 1):
+                for micro_batch in range(2):
+                    if zero_each_micro_batch:
+                        optimizer.zero_grad()
+                    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+                    loss = global_batch_loss(F.cross_entropy(model(x), y, reduction="none"), 64)
+                    scaler.scale(loss * (float("inf") if attempt < overflows else 1.0)).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+        except RecipeMismatch as exc:
+            return str(exc), scheduler.updates_done
+        return [f.code for f in check.findings], scheduler.updates_done
+
+    error, updates = run(zero_each_micro_batch=True, overflows=0)
+    assert error.startswith("samples_per_update: the first update used 32 samples") and updates == 0
+    assert run(zero_each_micro_batch=False, overflows=3) == ([], 1)
 
 
 def test_loss_scaled_otherwise():

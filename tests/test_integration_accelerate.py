@@ -110,6 +110,9 @@ MISTAKES = {
     # accelerate's own idiom DataLoader(shuffle=True) on 100 samples: 13 batches of 8 (the last of 4) dealt to 2
     # processes, 7 each (the last padded with repeats), for updates of 2: a 4th update of 16 samples per epoch
     "shuffle_true": "partial_update",
+    # accelerate's manual accumulation: Accelerator() without gradient_accumulation_steps, loss / A, a step every A
+    # micro-batches; recipe.loss already weighted each sample 1/kn, so the update is half the paper's
+    "manual_accumulation": "loss_divided_twice",
 }
 
 
@@ -120,7 +123,7 @@ def _mistake(name):
     from goyal_recipe import global_batch_loss
     from goyal_recipe.integrations.accelerate import AccelerateRecipe
 
-    accelerator = Accelerator(gradient_accumulation_steps=ACCUMULATION,
+    accelerator = Accelerator(gradient_accumulation_steps=1 if name == "manual_accumulation" else ACCUMULATION,
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     data = example_data.dataset(torch.float64)
     if name == "shuffle_true":
@@ -149,7 +152,7 @@ def _mistake(name):
     start = recipe.updates_done
     error = None
     try:
-        for epoch in range(3):
+        for epoch in range(3 if name != "manual_accumulation" else 0):
             sampler.set_epoch(epoch)
             for x, y, _ in loader:
                 with accelerator.accumulate(net):
@@ -163,6 +166,12 @@ def _mistake(name):
                         accelerator.clip_grad_norm_(net.parameters(), 1.0)
                     if name == "clipping_by_value" and accelerator.sync_gradients:
                         accelerator.clip_grad_value_(net.parameters(), clip_value=0.5)
+                    optimizer.step()
+                    optimizer.zero_grad()
+        if name == "manual_accumulation":
+            for step, (x, y, _) in enumerate(loader):
+                accelerator.backward(recipe.loss(F.cross_entropy(net(x), y, reduction="none")) / ACCUMULATION)
+                if (step + 1) % ACCUMULATION == 0:
                     optimizer.step()
                     optimizer.zero_grad()
     except RecipeMismatch as exc:
@@ -191,6 +200,7 @@ def test_mistakes_stop_at_first_update(runs):
             assert r["updates"] == 0 and r["unchanged"], (name, r)
     # recipe.loss weights each sample A / kn for accelerator.backward's division by A = 2.
     assert "each sample's gradient carries 2 x 1/kn" in results["plain_backward"]["error"]
+    assert "each sample's gradient carries 0.5 x 1/kn" in results["manual_accumulation"]["error"]
 
 
 if __name__ == "__main__":  # DIR DATA: the example, the mistakes, the resumed example, goyal-train, in one launch

@@ -127,7 +127,34 @@ def worker(out: Path, data_root: Path) -> None:
         except AssertionError as e:
             raise RecipeMismatch(f"deepspeed: {e}") from None
 
-    for name, run in [("default_clipping", own_config_default_clipping),
+    def zero1_decays_bn(state):
+        # The SGD of every tutorial, decaying BN too, under ZeRO-1: its param groups are flat buffers by the time
+        # attach runs, and ZeRO keeps the model's parameters of each group beside them.
+        model = example.make_model()
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd,
+                                               config=goyal_ds.ds_config(KN, N, WORLD, zero_stage=1))
+        scheduler = goyal_ds.attach(engine, schedule, UPDATES_PER_EPOCH, sampler=sampler, bn_group_size=4)
+        state["updates_done"] = 0
+        _user_loop(engine, loader, sampler, goyal_ds.backward)
+        state["updates_done"] = scheduler.updates_done
+
+    def deepspeed_loader_not_reshuffled(state):
+        # DeepSpeed's own loader (training_data=): a DistributedSampler that reshuffles only when the loop calls
+        # its set_epoch. Refused at the next epoch's first update, after the first epoch's 3.
+        model = example.make_model()
+        engine, _, ds_loader, _ = deepspeed.initialize(model=model, optimizer=build(model), training_data=dataset,
+                                                       config=goyal_ds.ds_config(KN, N, WORLD))
+        scheduler = goyal_ds.attach(engine, schedule, UPDATES_PER_EPOCH, bn_group_size=4)
+        for epoch in range(EPOCHS):
+            for images, labels, _ in ds_loader:
+                goyal_ds.backward(engine, F.cross_entropy(engine(images), labels, reduction="none"))
+                engine.step()
+                state["updates_done"] = scheduler.updates_done
+
+    for name, run in [("zero1_decays_bn", zero1_decays_bn),
+                      ("deepspeed_loader_not_reshuffled", deepspeed_loader_not_reshuffled),
+                      ("default_clipping", own_config_default_clipping),
                       ("backward_divides_again", backward_divides_again),
                       ("zero1_untested", zero1_without_untested_flag),
                       ("default_clipping_initialize", own_config_through_initialize),
@@ -249,12 +276,21 @@ def test_goyal_train_zero1_noise_scale_two_processes_equals_one(ds_runs, data_ro
     ("default_clipping_initialize", "grad_clipping: ds_config has no gradient_clipping, so DeepSpeed clips at its "
                                     "default 1 but the recipe does not clip"),
     ("deepspeed_alone_zero1", "deepspeed: You are using an untested ZeRO Optimizer"),
+    ("zero1_decays_bn", "norm_weight_decay: weight decay 0.0001 on 30 normalisation parameters "
+                        "(conv1.1.weight, conv1.1.bias, conv1.4.weight and 27 more)"),
 ])
 def test_mistakes_stop_before_the_first_update(ds_runs, name, message):
     result = json.loads((ds_runs / f"{name}.json").read_text())
     assert result["error"] is not None and result["error"].startswith(message), result["error"]
     assert "\n" not in result["error"]
     assert result["updates_done"] in (None, 0)  # refused before any parameter moved
+
+
+def test_deepspeeds_own_loader_never_reshuffled_stops_at_the_next_epoch(ds_runs):
+    result = json.loads((ds_runs / "deepspeed_loader_not_reshuffled.json").read_text())
+    assert result["error"].startswith(
+        f"sampler_not_reshuffled: update {UPDATES_PER_EPOCH} starts epoch 1 but the sampler is still at epoch 0")
+    assert result["updates_done"] == UPDATES_PER_EPOCH
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class LoopRecipe:
 
     fix_loss = "use recipe.loss(per_sample_loss)"
     fix_loader = ""
+    grad_scaler = None  # the loop's torch.amp.GradScaler, where watch() was given one
 
     def __init__(self, schedule: Schedule, *, num_samples: int, per_device_batch_size: int, world_size: int,
                  rank: int, split_in_sampler: bool, seed: int = 0, bn_group_size: int | None = 32,
@@ -182,8 +183,9 @@ class LoopRecipe:
         gradient all-reduce averages over, times what the engine divides the loss by (Remark 3).
         """
         scale = self.world_size * self.loss_divisor / self.global_batch_size
-        record_loss(per_sample_loss.numel(), scale)
-        return per_sample_loss.sum() * scale
+        loss = per_sample_loss.sum() * scale
+        record_loss(per_sample_loss.numel(), scale, loss)
+        return loss
 
     # --- the check at the first update
     def findings(self, model=None, optimizer=None, loader=None, scheduler=None,
@@ -198,8 +200,13 @@ class LoopRecipe:
                      fix_loader=self.fix_loader)
 
     def watch(self, model, optimizer, loader=None, scheduler=None, *, checkpointed=None,
-              grad_clip_norm: float | None = None, on_remove=None) -> FirstUpdateCheck:
-        """Audit the loop at its first real update and refuse a silent departure (`RecipeMismatch`)."""
+              grad_clip_norm: float | None = None, on_remove=None, grad_scaler=None) -> FirstUpdateCheck:
+        """Audit the loop at its first real update and refuse a silent departure (`RecipeMismatch`).
+
+        `grad_scaler`: the loop's `torch.amp.GradScaler` (fp16), whose scale the losses carry in the backward.
+        """
+        if grad_scaler is not None:
+            self.grad_scaler = grad_scaler
         if scheduler is None and self.scheduler is None:
             self.make_scheduler(optimizer)
         if self.check is not None:
@@ -212,7 +219,7 @@ class LoopRecipe:
             accumulation_steps=self.accumulation_steps,
             static=lambda: self.findings(model, optimizer, loader, scheduler, checkpointed, grad_clip_norm),
             scheduler=scheduler if scheduler is not None else self.scheduler, sampler=sampler, allow=self.allow,
-            fix_loss=self.fix_loss, on_remove=on_remove)
+            fix_loss=self.fix_loss, on_remove=on_remove, loss_scale=self._loss_scale)
         if self.noise_scale_every_updates is not None:
             # A resumed state is loaded once; a second watch carries the running meter's averages over.
             carried, self._noise_state = self._noise_state, None
@@ -229,4 +236,9 @@ class LoopRecipe:
 
     def _grad_scaler(self):
         """The loop's gradient scaler (fp16), whose scale the micro-batch gradients carry; None without one."""
-        return None
+        return self.grad_scaler
+
+    def _loss_scale(self) -> float | None:
+        """What the loop's loss scaler multiplies the losses by: 1.0 without one given to `watch`."""
+        scaler = self._grad_scaler()
+        return 1.0 if scaler is None else scaler.get_scale()

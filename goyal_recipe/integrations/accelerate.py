@@ -115,6 +115,12 @@ class AccelerateRecipe(LoopRecipe):
     def _grad_scaler(self):
         return self.accelerator.scaler
 
+    def _loss_scale(self) -> float | None:
+        if self.accelerator.state.deepspeed_plugin is not None:
+            return None  # DeepSpeed's fp16 scales the loss inside engine.backward, not through accelerator.scaler
+        scaler = self.accelerator.scaler
+        return 1.0 if scaler is None else scaler.get_scale()
+
     def _watched(self, method, record):
         def watched(*args, **kwargs):
             if self.check is not None and self.check.active:

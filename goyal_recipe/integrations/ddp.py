@@ -23,6 +23,9 @@
   gives each rank. Nothing else may split it again (torch's DistributedSampler would).
 - `broadcast_buffers=False` keeps BN's running statistics per worker, as the paper does; DDP's default
   copies rank 0's at every forward (no effect on the update, only on evaluation).
+- fp16: give the loop's `torch.amp.GradScaler` to the recipe, `recipe.watch(model, optimizer, loader,
+  grad_scaler=scaler)`: the check at the first update reads its scale out of the gradient that reaches
+  `recipe.loss`, and the noise scale out of the micro-batch gradients.
 - Checkpoints: save `recipe.state_dict()` with the model and optimizer; after loading the optimizer,
   `recipe.load_state_dict(...)` restores the LR and the mid-epoch data position.
 """
@@ -48,7 +51,8 @@ class DDPRecipe(LoopRecipe):
     attached by `watch`).
     """
 
-    fix_loss = "use recipe.loss(per_sample_loss) (DDP averages over the processes; nothing divides by the accumulation)"
+    fix_loss = ("back-propagate recipe.loss(per_sample_loss) as it is (DDP averages over the processes; nothing divides "
+                "by the accumulation); with fp16's GradScaler, give it to the recipe: recipe.watch(..., grad_scaler=scaler)")
     fix_loader = "give the loader recipe.sampler, which splits the data over the ranks once"
 
     def __init__(self, schedule: Schedule, *, num_samples: int, per_device_batch_size: int, seed: int = 0,

@@ -187,6 +187,26 @@ def engine_findings(engine, grad_clip_norm: float | None = None) -> list[Finding
     return findings
 
 
+class _Groups:
+    """An optimizer's param groups over the model's own parameters, for the audit's weight-decay check."""
+
+    def __init__(self, param_groups: list[dict]):
+        self.param_groups = param_groups
+
+
+def _per_parameter_groups(optimizer):
+    """`optimizer`, or where ZeRO or DeepSpeed's bf16/fp16 wrapper has flattened its groups, each group's settings
+    over the model parameters it was built from (the wrappers keep them, group by group, as `bit16_groups`,
+    `bf16_groups` or `fp16_groups`): the audit matches weight decay to the model's BN parameters by identity."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups = getattr(inner, "param_groups", None)
+    for name in ("bit16_groups", "bf16_groups", "fp16_groups"):
+        originals = getattr(optimizer, name, None)
+        if isinstance(originals, list) and groups is not None and len(originals) == len(groups):
+            return _Groups([{**group, "params": list(params)} for group, params in zip(groups, originals)])
+    return optimizer
+
+
 def _watch_backward(engine, check: FirstUpdateCheck):
     """Tell `check` how each `engine.backward` call scales the loss, until the check is done."""
     original, steps = engine.backward, engine.gradient_accumulation_steps()
@@ -207,15 +227,20 @@ def attach(engine, schedule: Schedule, updates_per_epoch: int, *, sampler=None, 
     the loss was divided twice (`engine.backward(global_batch_loss(...))` without `scale_wrt_gas=False`),
     the schedule's kn is not the engine's train_batch_size, or the core audit finds another silent
     departure (BN decay, a sampler that splits the data differently, BN groups ...). `sampler` is the
-    loop's `EpochShuffleSampler`; `allow` keeps findings the user wants (the core audit's codes).
+    loop's `EpochShuffleSampler`; without one, the sampler of DeepSpeed's own loader (`training_data=`) is
+    checked instead, so a loop that never calls its `set_epoch` is refused at the next epoch's first update.
+    `allow` keeps findings the user wants (the core audit's codes).
     """
     kn, world = engine.train_batch_size(), engine.dp_world_size
+    if sampler is None and engine.training_dataloader is not None:
+        sampler = getattr(engine.training_dataloader, "data_sampler", None)
     steps, n = engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()
     scheduler = GoyalLR(engine.optimizer, schedule, updates_per_epoch)
 
     def static() -> list[Finding]:
         return engine_findings(engine, grad_clip_norm) + audit(
-            model=engine.module, optimizer=scheduler.optimizer, scheduler=scheduler, sampler=sampler,
+            model=engine.module, optimizer=_per_parameter_groups(engine.optimizer), scheduler=scheduler,
+            sampler=sampler,
             global_batch_size=kn, world_size=world, accumulation_steps=steps, per_device_batch_size=n,
             bn_group_size=bn_group_size, fix_loader="one EpochShuffleSampler(num_samples, world_size, rank, "
             "batch_size=micro-batch, accumulation_steps=...) per rank, no DeepSpeed training_data")
@@ -223,7 +248,9 @@ def attach(engine, schedule: Schedule, updates_per_epoch: int, *, sampler=None, 
     check = FirstUpdateCheck(scheduler.optimizer, accumulation_steps=steps, global_batch_size=kn, world_size=world,
                              grad_reduction="mean", static=static, scheduler=scheduler, sampler=sampler, allow=allow,
                              fix_loss="call goyal_recipe.integrations.deepspeed.backward(engine, per_sample_loss), or "
-                                      "engine.backward(global_batch_loss(...), scale_wrt_gas=False)")
+                                      "engine.backward(global_batch_loss(...), scale_wrt_gas=False)",
+                             # fp16's dynamic loss scale lives inside DeepSpeed's optimizer: left undeclared.
+                             loss_scale=lambda: None if engine.fp16_enabled() else 1.0)
     check.on_remove = _watch_backward(engine, check)
     return scheduler
 

@@ -178,6 +178,13 @@ class GoyalTrainer(Trainer):
             logs = {**logs, **{k: v for k, v in self.noise_scale.fields().items() if v is not None}}
         super().log(logs, *args, **kwargs)
 
+    def _loss_scale(self) -> float | None:
+        """What Trainer's loss scaler multiplies the loss by; None under DeepSpeed, whose fp16 scales it inside."""
+        if self.is_deepspeed_enabled:
+            return None
+        scaler = self.accelerator.scaler
+        return 1.0 if scaler is None else scaler.get_scale()
+
     def _check_backward_loss(self, loss: torch.Tensor) -> None:
         """The loss Trainer back-propagated must be compute_loss's, unscaled (Trainer versions differ here)."""
         if self._recipe_loss is None:
@@ -248,7 +255,7 @@ class _RecipeAudit(TrainerCallback):
         FirstUpdateCheck(optimizer, global_batch_size=kn, world_size=world, grad_reduction="mean", static=static,
                          scheduler=lr_scheduler, sampler=trainer.recipe_sampler,
                          data_skipped=skipped_batches * n * world, allow=trainer.allow,
-                         fix_loss="leave GoyalTrainer.compute_loss in place")
+                         fix_loss="leave GoyalTrainer.compute_loss in place", loss_scale=trainer._loss_scale)
 
 
 def trainer_findings(args, grad_clip_norm: float | None = None) -> list[Finding]:
