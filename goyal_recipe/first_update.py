@@ -110,6 +110,7 @@ class FirstUpdateCheck:
         self._pending: list[_LossRecord] = []  # reported losses whose backward has not said its divisor
         self._settled: list[_LossRecord] = []
         self._clip: float | None = None
+        self._resumed_at_skip: tuple[int | None, int] = (None, 0)  # the sampler's (epoch, start) when a skip came
         self._first_update: int | None = None
         self._first_epoch: int | None = None
         self._handles = [self.optimizer.register_step_pre_hook(self._before_update)]
@@ -152,6 +153,11 @@ class FirstUpdateCheck:
 
         optimizer.zero_grad = watched
         self._unwatch_zero_grad = lambda: optimizer.__dict__.pop("zero_grad", None)
+
+    def record_skipped(self, samples: int) -> None:
+        """The loop's loader skips `samples` more of the sampler's epoch (accelerate's `skip_first_batches`)."""
+        self.data_skipped += int(samples)
+        self._resumed_at_skip = (getattr(self.sampler, "epoch", None), getattr(self.sampler, "start", 0))
 
     def record_clipping(self, max_norm: float) -> None:
         self._clip = float(max_norm)
@@ -342,7 +348,15 @@ class FirstUpdateCheck:
                 positioned = hasattr(sampler, "start") or self.data_skipped > 0  # the data can start mid-epoch
                 kn = self.global_batch_size or self.schedule.global_batch_size
                 per_update = kn // _sampler_replicas(sampler)
-                if epoch != update // upe or (positioned and start != in_epoch * per_update):
+                skipped_epoch, resumed = self._resumed_at_skip
+                if self.data_skipped and resumed:
+                    findings.append(Finding(
+                        "data_skipped_twice",
+                        f"the sampler already resumed epoch {skipped_epoch} at sample {resumed} and the loader skips "
+                        f"{self.data_skipped} more: those samples are never seen and the epoch ends early; the "
+                        "recipe's state puts the data in place, so skip no batches on resume (no skip_first_batches)",
+                        True))
+                elif epoch != update // upe or (positioned and start != in_epoch * per_update):
                     findings.append(Finding(
                         "data_position",
                         f"the LR is at update {update} (epoch {update // upe}, update {in_epoch} of {upe}) but the "

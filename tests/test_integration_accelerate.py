@@ -113,10 +113,13 @@ MISTAKES = {
     # accelerate's manual accumulation: Accelerator() without gradient_accumulation_steps, loss / A, a step every A
     # micro-batches; recipe.loss already weighted each sample 1/kn, so the update is half the paper's
     "manual_accumulation": "loss_divided_twice",
+    # accelerate's resume idiom: load_state, then skip_first_batches past the epoch's batches already used; the
+    # recipe's state already started the sampler there, so the skip drops an update's samples and the epoch ends early
+    "skip_after_load_state": "data_skipped_twice",
 }
 
 
-def _mistake(name):
+def _mistake(name, checkpoint):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -148,11 +151,13 @@ def _mistake(name):
         recipe.watch(net, optimizer, loader)
     else:
         net, optimizer, loader, scheduler = recipe.prepare(net, optimizer, loader)
+    if name == "skip_after_load_state":
+        accelerator.load_state(checkpoint)
     before = {k: v.detach().clone() for k, v in net.named_parameters()}
     start = recipe.updates_done
     error = None
     try:
-        for epoch in range(3 if name != "manual_accumulation" else 0):
+        for epoch in range(3 if name not in ("manual_accumulation", "skip_after_load_state") else 0):
             sampler.set_epoch(epoch)
             for x, y, _ in loader:
                 with accelerator.accumulate(net):
@@ -168,6 +173,17 @@ def _mistake(name):
                         accelerator.clip_grad_value_(net.parameters(), clip_value=0.5)
                     optimizer.step()
                     optimizer.zero_grad()
+        if name == "skip_after_load_state":
+            # The batches of one update skipped (of the 2 updates the resumed epoch used: skipping all 4 would empty
+            # the epoch, which the data's position check catches anyway): without the check, no error at all.
+            skip = ACCUMULATION
+            for epoch in recipe.epochs(loader):
+                for x, y, _ in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                    with accelerator.accumulate(net):
+                        accelerator.backward(recipe.loss(F.cross_entropy(net(x), y, reduction="none")))
+                        optimizer.step()
+                        optimizer.zero_grad()
+                skip = 0
         if name == "manual_accumulation":
             for step, (x, y, _) in enumerate(loader):
                 accelerator.backward(recipe.loss(F.cross_entropy(net(x), y, reduction="none")) / ACCUMULATION)
@@ -183,7 +199,7 @@ def _mistake(name):
 def _run_mistakes(out: Path) -> None:
     results = []
     for name in MISTAKES:
-        results.append(_mistake(name))
+        results.append(_mistake(name, out / "checkpoint"))
     rank = int(os.environ["RANK"])
     (out / f"mistakes_rank{rank}.json").write_text(json.dumps(results))
 
@@ -201,6 +217,9 @@ def test_mistakes_stop_at_first_update(runs):
     # recipe.loss weights each sample A / kn for accelerator.backward's division by A = 2.
     assert "each sample's gradient carries 2 x 1/kn" in results["plain_backward"]["error"]
     assert "each sample's gradient carries 0.5 x 1/kn" in results["manual_accumulation"]["error"]
+    # resumed at update 6, 2 of epoch 1's 4: the stream's first 64 samples used; 2 batches of 8 per process skipped
+    assert results["skip_after_load_state"]["error"].startswith(
+        "data_skipped_twice: the sampler already resumed epoch 1 at sample 64 and the loader skips 32 more")
 
 
 if __name__ == "__main__":  # DIR DATA: the example, the mistakes, the resumed example, goyal-train, in one launch

@@ -98,7 +98,8 @@ class AccelerateRecipe(LoopRecipe):
         if self.check is not None:
             self.check.remove()  # first: its on_remove undoes the instrumentation installed below
         seen = {"backward": lambda *args, **kwargs: self.check.record_backward(self.loss_divisor),
-                "clip_grad_norm_": self._record_clipping, "clip_grad_value_": self._record_clipping}
+                "clip_grad_norm_": self._record_clipping, "clip_grad_value_": self._record_clipping,
+                "skip_first_batches": self._record_skip}
         for name, record in seen.items():
             setattr(accelerator, name, self._watched(getattr(type(accelerator), name).__get__(accelerator), record))
 
@@ -127,6 +128,11 @@ class AccelerateRecipe(LoopRecipe):
                 record(*args, **kwargs)
             return method(*args, **kwargs)
         return watched
+
+    def _record_skip(self, dataloader, num_batches=0):
+        # Each of this process's batches is one of the stream's per_device_batch_size x world_size (the sampler
+        # here is one stream that the prepared loader deals out to the processes).
+        self.check.record_skipped(int(num_batches) * self.per_device_batch_size * self.world_size)
 
     def _record_clipping(self, parameters, *args, **kwargs):
         bound = args[0] if args else kwargs.get("max_norm", kwargs.get("clip_value"))
