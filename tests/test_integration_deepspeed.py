@@ -83,16 +83,18 @@ def worker(out: Path, data_root: Path) -> None:
     def build(model):
         return build_optimizer(model, "sgd", nesterov=True, weight_decay=1e-4)
 
-    def own_config_default_clipping(state):
-        # The user's own ds_config with the batch sizes and ZeRO stage only, and their own deepspeed.initialize:
-        # DeepSpeed clips at 1.0 by default.
-        model = example.make_model()
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build(model),
-                                               config={**chain, "zero_optimization": {"stage": 0}})
+    def own_initialize_then_attach(state, model, optimizer, config):
+        # The user's own deepspeed.initialize, then attach, then the loop's first update.
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         scheduler = goyal_ds.attach(engine, schedule, UPDATES_PER_EPOCH, sampler=sampler, bn_group_size=4)
         state["updates_done"] = 0
         _user_loop(engine, loader, sampler, goyal_ds.backward)
         state["updates_done"] = scheduler.updates_done
+
+    def own_config_default_clipping(state):
+        # The user's own ds_config with the batch sizes and ZeRO stage only: DeepSpeed clips at 1.0 by default.
+        model = example.make_model()
+        own_initialize_then_attach(state, model, build(model), {**chain, "zero_optimization": {"stage": 0}})
 
     def backward_divides_again(state):
         # global_batch_loss (as in an accelerate loop) through engine.backward's default scale_wrt_gas=True.
@@ -132,12 +134,7 @@ def worker(out: Path, data_root: Path) -> None:
         # attach runs, and ZeRO keeps the model's parameters of each group beside them.
         model = example.make_model()
         sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd,
-                                               config=goyal_ds.ds_config(KN, N, WORLD, zero_stage=1))
-        scheduler = goyal_ds.attach(engine, schedule, UPDATES_PER_EPOCH, sampler=sampler, bn_group_size=4)
-        state["updates_done"] = 0
-        _user_loop(engine, loader, sampler, goyal_ds.backward)
-        state["updates_done"] = scheduler.updates_done
+        own_initialize_then_attach(state, model, sgd, goyal_ds.ds_config(KN, N, WORLD, zero_stage=1))
 
     def deepspeed_loader_not_reshuffled(state):
         # DeepSpeed's own loader (training_data=): a DistributedSampler that reshuffles only when the loop calls
