@@ -44,6 +44,15 @@ from ..schedule import Schedule
 from . import LoopRecipe
 
 
+def accelerator_loss_scale(accelerator: Accelerator) -> float | None:
+    """What `accelerator.backward` multiplies the loss by for fp16 (its GradScaler's scale; 1.0 without one), or None
+    under DeepSpeed, whose fp16 scales the loss inside engine.backward, out of the accelerator's sight."""
+    if accelerator.state.deepspeed_plugin is not None:
+        return None
+    scaler = accelerator.scaler
+    return 1.0 if scaler is None else scaler.get_scale()
+
+
 class AccelerateRecipe(LoopRecipe):
     """The recipe's sampler, `GoyalLR`, loss and first-update audit for an `Accelerator` loop.
 
@@ -117,10 +126,7 @@ class AccelerateRecipe(LoopRecipe):
         return self.accelerator.scaler
 
     def _loss_scale(self) -> float | None:
-        if self.accelerator.state.deepspeed_plugin is not None:
-            return None  # DeepSpeed's fp16 scales the loss inside engine.backward, not through accelerator.scaler
-        scaler = self.accelerator.scaler
-        return 1.0 if scaler is None else scaler.get_scale()
+        return accelerator_loss_scale(self.accelerator)
 
     def _watched(self, method, record):
         def watched(*args, **kwargs):

@@ -51,8 +51,9 @@ class DDPRecipe(LoopRecipe):
     attached by `watch`).
     """
 
-    fix_loss = ("back-propagate recipe.loss(per_sample_loss) as it is (DDP averages over the processes; nothing divides "
-                "by the accumulation); with fp16's GradScaler, give it to the recipe: recipe.watch(..., grad_scaler=scaler)")
+    fix_loss = ("back-propagate recipe.loss(per_sample_loss) as it is (DDP averages over the processes; nothing "
+                "divides by the accumulation); with fp16's GradScaler, give it to the recipe: "
+                "recipe.watch(..., grad_scaler=scaler)")
     fix_loader = "give the loader recipe.sampler, which splits the data over the ranks once"
 
     def __init__(self, schedule: Schedule, *, num_samples: int, per_device_batch_size: int, seed: int = 0,

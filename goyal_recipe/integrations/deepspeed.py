@@ -240,10 +240,10 @@ def attach(engine, schedule: Schedule, updates_per_epoch: int, *, sampler=None, 
     def static() -> list[Finding]:
         return engine_findings(engine, grad_clip_norm) + audit(
             model=engine.module, optimizer=_per_parameter_groups(engine.optimizer), scheduler=scheduler,
-            sampler=sampler,
-            global_batch_size=kn, world_size=world, accumulation_steps=steps, per_device_batch_size=n,
-            bn_group_size=bn_group_size, fix_loader="one EpochShuffleSampler(num_samples, world_size, rank, "
-            "batch_size=micro-batch, accumulation_steps=...) per rank, no DeepSpeed training_data")
+            sampler=sampler, global_batch_size=kn, world_size=world, accumulation_steps=steps,
+            per_device_batch_size=n, bn_group_size=bn_group_size,
+            fix_loader="one EpochShuffleSampler(num_samples, world_size, rank, batch_size=micro-batch, "
+                       "accumulation_steps=...) per rank, no DeepSpeed training_data")
 
     check = FirstUpdateCheck(scheduler.optimizer, accumulation_steps=steps, global_batch_size=kn, world_size=world,
                              grad_reduction="mean", static=static, scheduler=scheduler, sampler=sampler, allow=allow,

@@ -50,6 +50,7 @@ from ..noise_scale import LoopNoiseScale
 from ..optim import build_optimizer
 from ..sampler import EpochShuffleSampler
 from ..schedule import Schedule
+from .accelerate import accelerator_loss_scale
 
 _OPTIMIZER_DEFAULTS = {"kind": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
 _FIX_SAMPLER = ("let GoyalTrainer build the sampler: one EpochShuffleSampler stream (num_replicas=1), which "
@@ -178,13 +179,6 @@ class GoyalTrainer(Trainer):
             logs = {**logs, **{k: v for k, v in self.noise_scale.fields().items() if v is not None}}
         super().log(logs, *args, **kwargs)
 
-    def _loss_scale(self) -> float | None:
-        """What Trainer's loss scaler multiplies the loss by; None under DeepSpeed, whose fp16 scales it inside."""
-        if self.is_deepspeed_enabled:
-            return None
-        scaler = self.accelerator.scaler
-        return 1.0 if scaler is None else scaler.get_scale()
-
     def _check_backward_loss(self, loss: torch.Tensor) -> None:
         """The loss Trainer back-propagated must be compute_loss's, unscaled (Trainer versions differ here)."""
         if self._recipe_loss is None:
@@ -255,7 +249,8 @@ class _RecipeAudit(TrainerCallback):
         FirstUpdateCheck(optimizer, global_batch_size=kn, world_size=world, grad_reduction="mean", static=static,
                          scheduler=lr_scheduler, sampler=trainer.recipe_sampler,
                          data_skipped=skipped_batches * n * world, allow=trainer.allow,
-                         fix_loss="leave GoyalTrainer.compute_loss in place", loss_scale=trainer._loss_scale)
+                         fix_loss="leave GoyalTrainer.compute_loss in place",
+                         loss_scale=lambda: accelerator_loss_scale(trainer.accelerator))
 
 
 def trainer_findings(args, grad_clip_norm: float | None = None) -> list[Finding]:
