@@ -48,6 +48,9 @@ def worker(out: Path) -> None:
                   "--weights-at", "1"])
     checkpoint_2 = str(out / "example_run" / "checkpoint-2")
     example.main(["--output-dir", str(out / "resumed_run"), "--resume", checkpoint_2, "--record", str(out / "resumed")])
+    # Resumed inside the second epoch (update 4 of 6): Trainer's skip puts the sampler three wrappers down.
+    example.main(["--output-dir", str(out / "resumed_run_4"), "--resume", str(out / "example_run" / "checkpoint-4"),
+                  "--record", str(out / "resumed_4")])
     rank = int(os.environ["RANK"])
 
     def save_weights(trainer, path):
@@ -211,6 +214,19 @@ def test_resume_through_trainer_checkpoints_keeps_lr_and_data(trainer_runs):
         check_noise_scale(after["noise"][2:], before["noise"][2:], rel=1e-4)
     reference = load_file(trainer_runs / "example" / "model.safetensors")
     other = load_file(trainer_runs / "resumed" / "model.safetensors")
+    for name, value in reference.items():
+        torch.testing.assert_close(other[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resume_inside_a_later_epoch_reads_that_epochs_order(trainer_runs):
+    from safetensors.torch import load_file
+
+    uninterrupted, resumed = _ranks(trainer_runs / "example"), _ranks(trainer_runs / "resumed_4")
+    for before, after in zip(uninterrupted, resumed):
+        assert after["lr"] == pytest.approx(_expected_lr(EPOCHS * UPDATES_PER_EPOCH), rel=1e-12)
+        assert after["read"] == before["read"][4 * STEPS * N:]  # epoch 1's order from update 4's first sample
+    reference = load_file(trainer_runs / "example" / "model.safetensors")
+    other = load_file(trainer_runs / "resumed_4" / "model.safetensors")
     for name, value in reference.items():
         torch.testing.assert_close(other[name], value, rtol=1e-6, atol=1e-7, msg=name)
 

@@ -220,6 +220,14 @@ class _RecipeAudit(TrainerCallback):
     def __init__(self, trainer: GoyalTrainer):
         self.trainer = trainer
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # Trainer and accelerate set the epoch of a sampler at most two wrappers down; after a resume's
+        # skip_first_batches it sits three down (SkipBatchSampler > BatchSamplerShard > BatchSampler), where it
+        # kept epoch 0's order for a resume inside a later epoch. The epoch is the one the next update belongs to.
+        sampler = self.trainer.recipe_sampler
+        if sampler is not None:
+            sampler.set_epoch(state.global_step // self.trainer.updates_per_epoch)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kwargs):
         trainer = self.trainer
