@@ -35,6 +35,8 @@ def main(argv=None) -> Accelerator:
     parser.add_argument("--checkpoint-at", type=int)
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--resume", type=Path)
+    parser.add_argument("--noise-scale-every-updates", type=int, default=1,
+                        help="measure B_simple every this many updates; 0: not at all")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.out:
@@ -48,7 +50,8 @@ def main(argv=None) -> Accelerator:
     data = dataset(dtype)
     recipe = AccelerateRecipe(accelerator, schedule(GLOBAL_BATCH_SIZE), num_samples=len(data),
                               per_device_batch_size=PER_DEVICE_BATCH_SIZE, bn_group_size=PER_DEVICE_BATCH_SIZE,
-                              noise_scale_every_updates=1)  # B_simple from the gradients the loop already has
+                              # B_simple from the gradients the loop already has
+                              noise_scale_every_updates=args.noise_scale_every_updates or None)
     net = model(dtype)
     loader = DataLoader(data, batch_size=PER_DEVICE_BATCH_SIZE, sampler=recipe.sampler)
     net, optimizer, loader, scheduler = recipe.prepare(net, build_optimizer(net, weight_decay=1e-4), loader)
@@ -70,7 +73,7 @@ def main(argv=None) -> Accelerator:
             indices += index.tolist()
             if not accelerator.sync_gradients:
                 continue
-            noise = recipe.noise_scale.fields()
+            noise = recipe.noise_scale.fields() if recipe.noise_scale else {"noise_scale": None}
             b_simple = noise["noise_scale"] or float("nan")  # None until the averages resolve it
             accelerator.print(f"epoch {epoch} update {update} lr {lr:.4f} B_simple {b_simple:.4g}")
             records.append({"update": update, "epoch": epoch, "lr": lr, "loss": loss_sum, "indices": indices,

@@ -13,12 +13,16 @@ def _innermost_optimizer(optimizer: Optimizer) -> Optimizer:
     """The torch optimizer that really updates weights.
 
     accelerate's AcceleratedOptimizer and DeepSpeed's ZeRO optimizers (not torch optimizers
-    themselves) wrap a torch optimizer in `.optimizer`; the wrapped one is the one whose `step()`
-    runs exactly once per real update, and whose param groups the update reads.
+    themselves) wrap a torch optimizer in `.optimizer`, and may wrap each other (accelerate's
+    DeepSpeedOptimizerWrapper over a ZeRO optimizer over the SGD); the deepest torch optimizer is the one
+    whose `step()` runs exactly once per real update, and whose param groups the update reads.
     """
-    while isinstance(getattr(optimizer, "optimizer", None), Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+    found, node, seen = optimizer, optimizer, set()
+    while (node := getattr(node, "optimizer", None)) is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, Optimizer):
+            found = node
+    return found
 
 
 def step_skipped_by_amp(optimizer: Optimizer, kwargs: dict) -> bool:

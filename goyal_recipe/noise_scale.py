@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 
 from .errors import UserError
-from .lr import step_skipped_by_amp
+from .lr import _innermost_optimizer, step_skipped_by_amp
 
 __all__ = ["noise_scale_estimates", "GradientNoiseScale", "BackwardGradNorms", "grad_sq_norm", "DeferredNoiseScale",
            "LoopNoiseScale"]
@@ -281,9 +281,7 @@ class LoopNoiseScale:
 
     def attach(self, optimizer) -> "LoopNoiseScale":
         """Measure in a pre-step hook of the innermost torch optimizer (under accelerate's or Trainer's wrapper)."""
-        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-            optimizer = optimizer.optimizer
-        self._hook = optimizer.register_step_pre_hook(self._before_step)
+        self._hook = _innermost_optimizer(optimizer).register_step_pre_hook(self._before_step)
         return self
 
     def _before_step(self, optimizer, args, kwargs) -> None:

@@ -20,8 +20,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 # (--no-loadscope-reorder), and a long file handed out last would leave one worker running it alone at the end.
 LONG_FILES_FIRST = ("test_trainer.py", "test_faults_train.py", "test_deepspeed.py", "test_integration_transformers.py",
                     "test_benchmarks.py", "test_integration_accelerate.py", "test_loop.py",
-                    "test_integration_deepspeed.py", "test_bn.py", "test_config_errors.py", "test_launch_configs.py",
-                    "test_integration_ddp.py")
+                    "test_integration_deepspeed.py", "test_integration_accelerate_deepspeed.py", "test_bn.py",
+                    "test_config_errors.py", "test_launch_configs.py", "test_integration_ddp.py")
 
 
 def pytest_collection_modifyitems(items):

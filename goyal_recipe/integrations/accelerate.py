@@ -39,6 +39,7 @@ import os
 
 from accelerate import Accelerator
 
+from ..audit import Finding
 from ..errors import UserError
 from ..schedule import Schedule
 from . import LoopRecipe
@@ -70,9 +71,17 @@ class AccelerateRecipe(LoopRecipe):
                  seed: int = 0, bn_group_size: int | None = 32, allow: tuple[str, ...] = (),
                  noise_scale_every_updates: int | None = None):
         launched = int(os.environ.get("WORLD_SIZE", "1"))
+        deepspeed = accelerator.state.deepspeed_plugin is not None
         if launched != accelerator.num_processes:
             raise UserError(f"the launcher started {launched} processes but accelerate joined "
-                            f"{accelerator.num_processes}; on a CPU set ACCELERATE_USE_CPU=1")
+                            f"{accelerator.num_processes}; on a CPU " + (
+                                "give the Accelerator kwargs_handlers=[InitProcessGroupKwargs(backend='gloo')] "
+                                "(ACCELERATE_USE_CPU=1 would turn the DeepSpeed plugin off)" if deepspeed
+                                else "set ACCELERATE_USE_CPU=1"))
+        if deepspeed and noise_scale_every_updates is not None:
+            raise UserError("noise_scale_every_updates is not measured under accelerate's DeepSpeed plugin "
+                            "(DeepSpeed reduces the gradients inside its backward); leave it unset, or use "
+                            "goyal_recipe.integrations.deepspeed.measure_noise_scale on your own deepspeed engine")
         super().__init__(schedule, num_samples=num_samples, per_device_batch_size=per_device_batch_size,
                          world_size=accelerator.num_processes, rank=accelerator.process_index,
                          split_in_sampler=False, seed=seed, bn_group_size=bn_group_size, allow=allow,
@@ -98,6 +107,32 @@ class AccelerateRecipe(LoopRecipe):
         prepared = self.accelerator.prepare(model, optimizer, loader, scheduler, *others)
         self.watch(prepared[0], prepared[1], prepared[2], prepared[3])
         return prepared
+
+    def findings(self, model=None, optimizer=None, loader=None, scheduler=None, checkpointed=None,
+                 grad_clip_norm: float | None = None):
+        """The core audit, and under accelerate's DeepSpeed plugin the engine's own gradient clipping."""
+        findings = super().findings(model, optimizer, loader, scheduler, checkpointed, grad_clip_norm)
+        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if engine is not None:
+            from .deepspeed import clipping_findings
+
+            # accelerate leaves a zero gradient_clipping of its yaml out of the DeepSpeed config, and DeepSpeed then
+            # clips at its default of 1.0; a DeepSpeed config file keeps the 0.
+            findings += clipping_findings(
+                engine.engine, grad_clip_norm,
+                where="a DeepSpeed config file (deepspeed_config_file; accelerate drops gradient_clipping: 0 from "
+                      "its yaml)")
+            steps = engine.engine.gradient_accumulation_steps()
+            if steps != self.accumulation_steps:
+                findings.append(Finding(
+                    "deepspeed_accumulation",
+                    f"DeepSpeed accumulates {steps} micro-batches per update (its config's "
+                    "gradient_accumulation_steps, which accelerate's plugin puts over the Accelerator's) but "
+                    f"kn = {self.global_batch_size} on {self.world_size} processes x micro-batch "
+                    f"{self.per_device_batch_size} needs "
+                    f"{self.accumulation_steps}; set gradient_accumulation_steps: {self.accumulation_steps} in the "
+                    "DeepSpeed config", True))
+        return findings
 
     def watch(self, model, optimizer, loader=None, scheduler=None, *, checkpointed=None,
               grad_clip_norm: float | None = None, on_remove=None):

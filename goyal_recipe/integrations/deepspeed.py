@@ -169,17 +169,22 @@ def backward(engine, per_sample_loss: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
+def clipping_findings(engine, grad_clip_norm: float | None = None, where: str = "ds_config") -> list[Finding]:
+    """The engine's gradient clipping against the recipe's (none unless `grad_clip_norm`); `where` the setting goes."""
+    clip, wanted = float(engine.gradient_clipping() or 0.0), float(grad_clip_norm or 0.0)
+    if clip == wanted:
+        return []
+    return [Finding(
+        "grad_clipping",
+        f"the DeepSpeed engine clips gradients at norm {clip:g} (DeepSpeed's default when ds_config has no "
+        f"gradient_clipping is {_DS_DEFAULT_CLIP:g}) but the recipe "
+        + (f"clips at {wanted:g}" if wanted else "does not clip (nor does the paper)")
+        + f"; set \"gradient_clipping\": {wanted:g} in {where}", silent=True)]
+
+
 def engine_findings(engine, grad_clip_norm: float | None = None) -> list[Finding]:
     """What the engine's resolved config changes in the update: clipping, DeepSpeed's own optimizer or scheduler."""
-    findings = []
-    clip, wanted = float(engine.gradient_clipping() or 0.0), float(grad_clip_norm or 0.0)
-    if clip != wanted:
-        findings.append(Finding(
-            "grad_clipping",
-            f"the DeepSpeed engine clips gradients at norm {clip:g} (DeepSpeed's default when ds_config has no "
-            f"gradient_clipping is {_DS_DEFAULT_CLIP:g}) but the recipe "
-            + (f"clips at {wanted:g}" if wanted else "does not clip (nor does the paper)")
-            + f"; set \"gradient_clipping\": {wanted:g} in ds_config", silent=True))
+    findings = clipping_findings(engine, grad_clip_norm)
     if engine.client_optimizer is None:
         findings += _owned_findings({"optimizer": {}})
     if engine.client_lr_scheduler is not None:
