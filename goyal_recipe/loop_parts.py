@@ -46,6 +46,10 @@ class LoaderParts:
 def loader_parts(loader) -> LoaderParts:
     """The sampler of a DataLoader, and how a framework's wrapping of it splits the data (duck-typed)."""
     shards, split_batches, batch_size = 1, False, getattr(loader, "batch_size", None)
+    if hasattr(loader, "slice_fn") and hasattr(getattr(loader, "state", None), "num_processes"):
+        # accelerate's DataLoaderDispatcher (dispatch_batches=True): the main process reads the batches and deals
+        # them out, so the split is the loader's own, not a node of its batch sampler.
+        shards, split_batches = int(loader.state.num_processes), bool(getattr(loader, "split_batches", False))
     node = getattr(loader, "batch_sampler", None)
     sampler = getattr(loader, "sampler", None)
     drop_last = None

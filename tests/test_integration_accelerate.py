@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _reference import (LARS, SCHEDULE, TOTAL_UPDATES, assert_same_noise,
+from _reference import (LARS, SCHEDULE, TOTAL_UPDATES, UPDATES_PER_EPOCH, assert_same_noise,
                         check_every_sample_once_per_epoch_in_the_trainers_blocks, check_lr_of_every_update,
                         check_noise_scale_equals_one_process, check_parameters_equal_one_process, example_data,
                         goyal_train, one_process_run, read_updates, saved_parameters)
@@ -196,12 +196,47 @@ def _mistake(name, checkpoint):
     return {"name": name, "error": error, "updates": recipe.updates_done - start, "unchanged": unchanged}
 
 
+def _dispatched(split_batches: bool) -> dict:
+    """The example's loop with accelerate's dispatch_batches=True (the main process reads and deals the batches),
+    the loader's batch n, or n x processes with split_batches: each update's samples and LR, or the refusal."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    from goyal_recipe.integrations.accelerate import AccelerateRecipe
+
+    accelerator = Accelerator(gradient_accumulation_steps=ACCUMULATION, dataloader_config=DataLoaderConfiguration(
+        dispatch_batches=True, split_batches=split_batches))
+    data = example_data.dataset(torch.float64)
+    recipe = AccelerateRecipe(accelerator, SCHEDULE, num_samples=len(data), per_device_batch_size=8, bn_group_size=8)
+    net = example_data.model(torch.float64)
+    loader = torch.utils.data.DataLoader(data, batch_size=8 * (WORLD if split_batches else 1), sampler=recipe.sampler)
+    net, optimizer, loader, _ = recipe.prepare(net, build_optimizer(net, weight_decay=1e-4), loader)
+    updates, indices = [], []
+    try:
+        for epoch in recipe.epochs(loader):
+            for x, y, index in loader:
+                with accelerator.accumulate(net):
+                    accelerator.backward(recipe.loss(F.cross_entropy(net(x), y, reduction="none")))
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        lr = optimizer.param_groups[0]["lr"]
+                    optimizer.zero_grad()
+                indices += index.tolist()
+                if accelerator.sync_gradients:
+                    updates.append({"epoch": epoch, "lr": lr, "indices": indices})
+                    indices = []
+    except RecipeMismatch as exc:
+        return {"error": str(exc)}
+    return {"error": None, "updates": updates}
+
+
 def _run_mistakes(out: Path) -> None:
     results = []
     for name in MISTAKES:
         results.append(_mistake(name, out / "checkpoint"))
     rank = int(os.environ["RANK"])
     (out / f"mistakes_rank{rank}.json").write_text(json.dumps(results))
+    dispatched = {"dispatch": _dispatched(False), "dispatch_split": _dispatched(True)}
+    (out / f"dispatched_rank{rank}.json").write_text(json.dumps(dispatched))
 
 
 def test_mistakes_stop_at_first_update(runs):
@@ -220,6 +255,23 @@ def test_mistakes_stop_at_first_update(runs):
     # resumed at update 6, 2 of epoch 1's 4: the stream's first 64 samples used; 2 batches of 8 per process skipped
     assert results["skip_after_load_state"]["error"].startswith(
         "data_skipped_twice: the sampler already resumed epoch 1 at sample 64 and the loader skips 32 more")
+
+
+@pytest.mark.parametrize("variant", ["dispatch", "dispatch_split"])
+def test_dispatched_batches_are_the_sharded_ones(runs, variant):
+    """dispatch_batches=True: the main process reads k batches and deals them out (split_batches: one batch of k x n
+    cut in k). Each update takes kn = 32 fresh samples over the ranks, each sample once per epoch, at the schedule's
+    LR; not refused."""
+    ranks = [json.loads((runs[3] / f"dispatched_rank{rank}.json").read_text())[variant] for rank in range(WORLD)]
+    assert [r["error"] for r in ranks] == [None, None]
+    assert len(ranks[0]["updates"]) == TOTAL_UPDATES
+    for update, per_rank in enumerate(zip(*(r["updates"] for r in ranks))):
+        samples = [i for r in per_rank for i in r["indices"]]
+        assert len(samples) == len(set(samples)) == 32, update
+        assert all(r["lr"] == SCHEDULE.lr(update / UPDATES_PER_EPOCH) for r in per_rank)
+    for epoch in range(TOTAL_UPDATES // UPDATES_PER_EPOCH):
+        seen = [i for r in ranks for u in r["updates"] if u["epoch"] == epoch for i in u["indices"]]
+        assert sorted(seen) == list(range(example_data.NUM_SAMPLES)), epoch
 
 
 if __name__ == "__main__":  # DIR DATA: the example, the mistakes, the resumed example, goyal-train, in one launch

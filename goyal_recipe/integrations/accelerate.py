@@ -19,7 +19,12 @@ What each of accelerate's defaults does to the paper's update, and what the reci
 - `prepare(loader)` shards the loader's batches over the processes (batch b to process b mod k).
   `recipe.sampler` is therefore one stream (one shuffle per epoch, Remark 4) that this sharding splits
   once, and process r's micro-batches are the blocks `goyal-train` gives rank r. A sampler that also
-  splits (num_replicas > 1) would split twice: refused at the first update.
+  splits (num_replicas > 1) would split twice: refused at the first update. The dataloader options keep
+  those blocks: `split_batches` (a loader batch of n x k cut in k), `dispatch_batches` (the main process
+  reads k batches and deals them out), `even_batches`.
+- Under accelerate's DeepSpeed plugin the engine clips and accumulates by its own config: both are
+  checked at the first update (a `gradient_clipping: 0` in accelerate's yaml is dropped; give DeepSpeed a
+  config file).
 - A prepared scheduler is stepped once per process per update and not at all between
   accumulation micro-batches; `GoyalLR` counts real optimizer updates, so either is harmless.
 - `save_state()` saves the prepared scheduler but no sampler position; the recipe registers itself
