@@ -83,6 +83,8 @@ class FirstUpdateCheck:
     `loss_scale`: returns the factor a loss scaler multiplied this update's losses by (fp16's GradScaler's
     scale; default: no scaler, 1.0), or None where the integration cannot read it (DeepSpeed's fp16): then
     a loss that reached the backward scaled otherwise than the engine's division is only reported.
+    `skipped_updates`: returns how many updates' data the loop had used without an update when it was
+    (re)started (steps a loss scaler skipped): the sampler's position is that far ahead of the LR's.
     """
 
     def __init__(self, optimizer, *, global_batch_size: int | None = None, world_size: int = 1, loss_divisor: int = 1,
@@ -90,7 +92,8 @@ class FirstUpdateCheck:
                  scheduler=None, schedule: Schedule | None = None, sampler=None, allow: Iterable[str] = (),
                  fix_loss: str = "normalise each micro-batch's per-sample losses with global_batch_loss",
                  accumulation_steps: int = 1, on_remove: Callable[[], None] | None = None, data_skipped: int = 0,
-                 loss_scale: Callable[[], float | None] | None = None):
+                 loss_scale: Callable[[], float | None] | None = None,
+                 skipped_updates: Callable[[], int] | None = None):
         self.optimizer = _innermost_optimizer(optimizer)
         self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.world_size = int(world_size)
@@ -106,6 +109,7 @@ class FirstUpdateCheck:
         self.accumulation_steps = int(accumulation_steps)
         self.on_remove = on_remove
         self.loss_scale = loss_scale or (lambda: 1.0)
+        self.skipped_updates = skipped_updates or (lambda: 0)
         self.findings: list[Finding] | None = None  # what the first update found
         self._pending: list[_LossRecord] = []  # reported losses whose backward has not said its divisor
         self._settled: list[_LossRecord] = []
@@ -229,15 +233,16 @@ class FirstUpdateCheck:
 
     def _check_next_epoch(self) -> bool:
         """At the next epoch's first update the sampler must have moved on; True once that update is reached."""
-        update, upe = self._update_index(), self.scheduler.updates_per_epoch
-        if update // upe == self._first_update // upe:
+        skipped, upe = self.skipped_updates(), self.scheduler.updates_per_epoch
+        update = self._update_index()
+        if (update + skipped) // upe == (self._first_update + skipped) // upe:  # the data's epochs
             return False
         epoch = getattr(self.sampler, "epoch", None)
         if epoch is not None and epoch == self._first_epoch:
             refuse_silent(allowed([Finding(
                 "sampler_not_reshuffled",
-                f"update {update} starts epoch {update // upe} but the sampler is still at epoch {epoch}: the "
-                "epoch repeats the last one's order (Remark 4: one shuffle per epoch); call "
+                f"update {update} starts epoch {(update + skipped) // upe} but the sampler is still at epoch {epoch}: "
+                "the epoch repeats the last one's order (Remark 4: one shuffle per epoch); call "
                 "sampler.set_epoch(epoch) (or loader.set_epoch) before each epoch", True)], self.allow))
         return True
 
@@ -343,7 +348,8 @@ class FirstUpdateCheck:
             sampler = self.sampler
             epoch = getattr(sampler, "epoch", None)
             if epoch is not None:
-                in_epoch = update % upe
+                data_update = update + self.skipped_updates()  # a loss scaler's skipped updates used data too
+                in_epoch = data_update % upe
                 start = getattr(sampler, "start", 0) + self.data_skipped
                 positioned = hasattr(sampler, "start") or self.data_skipped > 0  # the data can start mid-epoch
                 kn = self.global_batch_size or self.schedule.global_batch_size
@@ -356,16 +362,16 @@ class FirstUpdateCheck:
                         f"{self.data_skipped} more: those samples are never seen and the epoch ends early; the "
                         "recipe's state puts the data in place, so skip no batches on resume (no skip_first_batches)",
                         True))
-                elif epoch != update // upe or (positioned and start != in_epoch * per_update):
+                elif epoch != data_update // upe or (positioned and start != in_epoch * per_update):
                     findings.append(Finding(
                         "data_position",
-                        f"the LR is at update {update} (epoch {update // upe}, update {in_epoch} of {upe}) but the "
-                        f"data at epoch {epoch}, sample {start} of this rank: a resume restored one and not the "
+                        f"the LR is at update {update} (epoch {data_update // upe}, update {in_epoch} of {upe}) but "
+                        f"the data at epoch {epoch}, sample {start} of this rank: a resume restored one and not the "
                         "other; checkpoint the recipe's state (scheduler and sampler) and restore both", True))
                 elif in_epoch and not positioned:
                     findings.append(Finding(
                         "data_position",
-                        f"resumed at update {in_epoch} of epoch {update // upe}, but {type(sampler).__name__} "
+                        f"resumed at update {in_epoch} of epoch {data_update // upe}, but {type(sampler).__name__} "
                         "cannot start mid-epoch: the epoch's first samples are seen twice; use EpochShuffleSampler",
                         True))
         return findings

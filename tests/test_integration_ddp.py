@@ -111,6 +111,56 @@ def test_each_epoch_starts_an_update_whatever_the_last_epoch_left():
     assert [update for epoch, update in updates if epoch == 1] == [False, False, False, True]
 
 
+def test_resume_after_a_loss_scalers_skipped_updates_continues_the_data():
+    """fp16: GradScaler skips the first 3 updates (overflow), whose micro-batches are used without an update. A loop
+    checkpointed after 3 real updates and resumed takes the micro-batches, LRs and weights of the uninterrupted one
+    (the data's position counts the skipped updates; the LR's does not). Before: the resumed loop read the last 3
+    updates' micro-batches again."""
+    def run(stop_after=None, state=None):
+        data, net = example_data.dataset(torch.float64), example_data.model(torch.float64)
+        recipe = one_process_recipe(num_samples=len(data), bn_group_size=8)  # kn 32 = 4 micro-batches of 8
+        optimizer = build_optimizer(net, weight_decay=1e-4)
+        scheduler = recipe.make_scheduler(optimizer)
+        loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=recipe.sampler)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        attempts = 0
+        if state is not None:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            recipe.load_state_dict(state["recipe"])
+            attempts = state["attempts"]
+        recipe.watch(net, optimizer, loader, grad_scaler=scaler)
+        seen, lrs = [], []
+        for epoch in recipe.epochs():
+            for x, y, index in loader:
+                with recipe.accumulate(net) as update:
+                    loss = recipe.loss(F.cross_entropy(net(x), y, reduction="none"))
+                    scaler.scale(loss * (float("inf") if attempts < 3 else 1.0)).backward()
+                seen.append(index.tolist())
+                if update:
+                    done = recipe.updates_done
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                    attempts += 1
+                    if recipe.updates_done > done:
+                        lrs.append(optimizer.param_groups[0]["lr"])
+                    if recipe.updates_done == stop_after:
+                        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "attempts": attempts,
+                                "scaler": scaler.state_dict(), "recipe": recipe.state_dict()}, seen, lrs
+        return net.state_dict(), seen, lrs
+
+    full, seen, lrs = run()
+    assert len(lrs) == 3 * UPDATES_PER_EPOCH - 3  # 3 updates' data went to the skipped attempts
+    state, seen_first, lrs_first = run(stop_after=3)
+    assert state["recipe"]["micro_batches"] == 6 * 4  # 3 skipped and 3 real updates of 4 micro-batches
+    resumed, seen_rest, lrs_rest = run(state=state)
+    assert seen_first + seen_rest == seen and lrs_first + lrs_rest == lrs
+    assert all(torch.equal(resumed[k], v) for k, v in full.items())
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resume and mistakes, in a user's loop (run under torchrun by the `run` fixture)
 

@@ -11,10 +11,11 @@ the paper's update needs and that a loop otherwise keeps apart:
 - the data: one `EpochShuffleSampler` (Remark 4), either split over the ranks by itself or one stream
   that a framework's loader sharding splits once;
 - the LR: a `GoyalLR` over the user's optimizer, counting real updates;
-- the position: the LR's update count is the only progress counter. The data position is derived
-  from it (epoch = updates // updates_per_epoch, and the sampler starts that epoch after the
-  updates already done), so `state_dict()` / `load_state_dict()` restore both at once and a resumed
-  loop continues with the samples and LR of an uninterrupted one.
+- the position: the LR's update count, plus the updates whose data went through `loss()` but that a
+  loss scaler skipped (fp16's GradScaler on an overflow), counted from the micro-batches. The data
+  position is derived from them (epoch = updates // updates_per_epoch, and the sampler starts that
+  epoch after the updates already done), so `state_dict()` / `load_state_dict()` restore both at once
+  and a resumed loop continues with the samples and LR of an uninterrupted one.
 
 `loss()` normalises per-sample losses so that the update's gradient is the mean over kn (Remark 3)
 given what the engine itself divides by, and reports it to the `FirstUpdateCheck` that `watch()`
@@ -108,6 +109,8 @@ class LoopRecipe:
         self.noise_scale_every_updates = noise_scale_every_updates
         self.noise_scale: LoopNoiseScale | None = None
         self._noise_state: dict | None = None
+        self._micro_batches = 0  # this process's training micro-batches through loss(): the data's own count
+        self._resumed_skips = 0  # skipped_updates when the state was loaded
 
     # --- the LR and the position
     def make_scheduler(self, optimizer) -> GoyalLR:
@@ -120,9 +123,15 @@ class LoopRecipe:
         return 0 if self.scheduler is None else self.scheduler.updates_done
 
     @property
+    def skipped_updates(self) -> int:
+        """Updates whose micro-batches went through `loss()` but that the optimizer never applied (steps a loss
+        scaler skipped): the data is that many updates ahead of the LR."""
+        return max(0, self._micro_batches // self.accumulation_steps - self.updates_done)
+
+    @property
     def epoch(self) -> int:
-        """The epoch the next update belongs to."""
-        return self.updates_done // self.updates_per_epoch
+        """The epoch of the data the next update takes."""
+        return (self.updates_done + self.skipped_updates) // self.updates_per_epoch
 
     @property
     def total_updates(self) -> int:
@@ -130,7 +139,7 @@ class LoopRecipe:
 
     def position(self) -> tuple[int, int]:
         """(epoch, index into this sampler's share of the epoch) of the next update's first sample."""
-        done = self.updates_done
+        done = self.updates_done + self.skipped_updates
         return done // self.updates_per_epoch, (done % self.updates_per_epoch) * (
             self.global_batch_size // self.sampler.num_replicas)
 
@@ -148,6 +157,7 @@ class LoopRecipe:
         return {"global_batch_size": self.global_batch_size, "updates_per_epoch": self.updates_per_epoch,
                 "seed": self.sampler.seed,
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "micro_batches": self._micro_batches,
                 "noise_scale": None if self.noise_scale is None else self.noise_scale.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -161,6 +171,8 @@ class LoopRecipe:
             raise UserError("make the scheduler (recipe.make_scheduler or prepare) before loading the recipe's state")
         if state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self._micro_batches = int(state.get("micro_batches", self.updates_done * self.accumulation_steps))
+        self._resumed_skips = self.skipped_updates
         noise = state.get("noise_scale")
         if self.noise_scale is not None and noise is not None:
             self.noise_scale.load_state_dict(noise)
@@ -183,6 +195,8 @@ class LoopRecipe:
         gradient all-reduce averages over, times what the engine divides the loss by (Remark 3).
         """
         scale = self.world_size * self.loss_divisor / self.global_batch_size
+        if per_sample_loss.requires_grad:
+            self._micro_batches += 1
         loss = per_sample_loss.sum() * scale
         record_loss(per_sample_loss.numel(), scale, loss)
         return loss
@@ -219,7 +233,8 @@ class LoopRecipe:
             accumulation_steps=self.accumulation_steps,
             static=lambda: self.findings(model, optimizer, loader, scheduler, checkpointed, grad_clip_norm),
             scheduler=scheduler if scheduler is not None else self.scheduler, sampler=sampler, allow=self.allow,
-            fix_loss=self.fix_loss, on_remove=on_remove, loss_scale=self._loss_scale)
+            fix_loss=self.fix_loss, on_remove=on_remove, loss_scale=self._loss_scale,
+            skipped_updates=lambda: self._resumed_skips)
         if self.noise_scale_every_updates is not None:
             # A resumed state is loaded once; a second watch carries the running meter's averages over.
             carried, self._noise_state = self._noise_state, None
