@@ -111,6 +111,19 @@ def test_each_epoch_starts_an_update_whatever_the_last_epoch_left():
     assert [update for epoch, update in updates if epoch == 1] == [False, False, False, True]
 
 
+def test_only_back_propagated_losses_count_as_used_data():
+    """The data's position counts the micro-batches whose loss was back-propagated: a loss computed with gradients
+    on and never back-propagated (an evaluation without no_grad) used no training data."""
+    recipe = one_process_recipe(bn_group_size=8)
+    net = example_data.model(torch.float64)
+    recipe.make_scheduler(build_optimizer(net))
+    x, y, _ = example_data.dataset(torch.float64)[:8]
+    recipe.loss(F.cross_entropy(net(x), y, reduction="none"))  # evaluated, not back-propagated
+    assert recipe.state_dict()["micro_batches"] == 0
+    recipe.loss(F.cross_entropy(net(x), y, reduction="none")).backward()
+    assert recipe.state_dict()["micro_batches"] == 1
+
+
 def test_resume_after_a_loss_scalers_skipped_updates_continues_the_data():
     """fp16: GradScaler skips the first 3 updates (overflow), whose micro-batches are used without an update. A loop
     checkpointed after 3 real updates and resumed takes the micro-batches, LRs and weights of the uninterrupted one

@@ -109,7 +109,7 @@ class LoopRecipe:
         self.noise_scale_every_updates = noise_scale_every_updates
         self.noise_scale: LoopNoiseScale | None = None
         self._noise_state: dict | None = None
-        self._micro_batches = 0  # this process's training micro-batches through loss(): the data's own count
+        self._micro_batches = 0  # this process's losses from loss() that were back-propagated: the data's own count
         self._resumed_skips = 0  # skipped_updates when the state was loaded
 
     # --- the LR and the position
@@ -124,8 +124,8 @@ class LoopRecipe:
 
     @property
     def skipped_updates(self) -> int:
-        """Updates whose micro-batches went through `loss()` but that the optimizer never applied (steps a loss
-        scaler skipped): the data is that many updates ahead of the LR."""
+        """Updates whose micro-batches were back-propagated through `loss()` but that the optimizer never applied
+        (steps a loss scaler skipped): the data is that many updates ahead of the LR."""
         return max(0, self._micro_batches // self.accumulation_steps - self.updates_done)
 
     @property
@@ -195,11 +195,16 @@ class LoopRecipe:
         gradient all-reduce averages over, times what the engine divides the loss by (Remark 3).
         """
         scale = self.world_size * self.loss_divisor / self.global_batch_size
-        if per_sample_loss.requires_grad:
-            self._micro_batches += 1
         loss = per_sample_loss.sum() * scale
+        if loss.requires_grad:
+            # Counted in the backward: a loss computed and not back-propagated (an evaluation without no_grad)
+            # used no training data.
+            loss.register_hook(self._count_micro_batch)
         record_loss(per_sample_loss.numel(), scale, loss)
         return loss
+
+    def _count_micro_batch(self, grad: torch.Tensor) -> None:
+        self._micro_batches += 1
 
     # --- the check at the first update
     def findings(self, model=None, optimizer=None, loader=None, scheduler=None,

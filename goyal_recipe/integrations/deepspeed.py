@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import SimpleNamespace
 
 import deepspeed
 import torch
@@ -192,13 +193,6 @@ def engine_findings(engine, grad_clip_norm: float | None = None) -> list[Finding
     return findings
 
 
-class _Groups:
-    """An optimizer's param groups over the model's own parameters, for the audit's weight-decay check."""
-
-    def __init__(self, param_groups: list[dict]):
-        self.param_groups = param_groups
-
-
 def _per_parameter_groups(optimizer):
     """`optimizer`, or where ZeRO or DeepSpeed's bf16/fp16 wrapper has flattened its groups, each group's settings
     over the model parameters it was built from (the wrappers keep them, group by group, as `bit16_groups`,
@@ -208,7 +202,8 @@ def _per_parameter_groups(optimizer):
     for name in ("bit16_groups", "bf16_groups", "fp16_groups"):
         originals = getattr(optimizer, name, None)
         if isinstance(originals, list) and groups is not None and len(originals) == len(groups):
-            return _Groups([{**group, "params": list(params)} for group, params in zip(groups, originals)])
+            return SimpleNamespace(param_groups=[{**group, "params": list(params)}
+                                                 for group, params in zip(groups, originals)])
     return optimizer
 
 
